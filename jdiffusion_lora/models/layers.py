@@ -1,0 +1,183 @@
+"""Building blocks shared by the UNet and the VAE, named exactly as in diffusers.
+
+Shapes: images/feature maps are (B, C, H, W); token sequences are (B, N, C).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from .._runtime import jt
+
+nn = jt.nn
+
+
+def activation(name: str):
+    """diffusers' `act_fn` names -> a Jittor function."""
+    if name in ("silu", "swish"):
+        return nn.silu
+    if name == "gelu":
+        return nn.gelu
+    if name == "relu":
+        return nn.relu
+    if name == "mish":
+        return lambda x: x * jt.tanh(nn.softplus(x))
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+# --------------------------------------------------------------------------- time embedding
+
+def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downscale_freq_shift: float = 1.0,
+                       max_period: int = 10000) -> "jt.Var":
+    """Sinusoidal embedding of (B,) timesteps -> (B, dim), as in DDPM / "Attention is all you need"."""
+    half = dim // 2
+    exponent = -math.log(max_period) * np.arange(half, dtype=np.float32) / (half - downscale_freq_shift)
+    freqs = jt.array(np.exp(exponent).astype(np.float32))                  # (half,)
+    args = timesteps.float32().reshape(-1, 1) * freqs.reshape(1, -1)       # (B, half)
+    emb = jt.concat([jt.sin(args), jt.cos(args)], dim=1)
+    if flip_sin_to_cos:
+        emb = jt.concat([emb[:, half:], emb[:, :half]], dim=1)
+    if dim % 2 == 1:
+        emb = jt.concat([emb, jt.zeros((emb.shape[0], 1), dtype=emb.dtype)], dim=1)
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal embedding: linear_1 -> act -> linear_2."""
+
+    def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu"):
+        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.act = activation(act_fn)
+        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+
+    def execute(self, sample):
+        return self.linear_2(self.act(self.linear_1(sample)))
+
+
+# --------------------------------------------------------------------------- resnet and resampling
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm -> act -> conv3x3 (+ time embedding) -> GroupNorm -> act -> dropout -> conv3x3, plus a shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: Optional[int] = None, temb_channels: Optional[int] = 512,
+                 groups: int = 32, eps: float = 1e-6, act_fn: str = "silu", dropout: float = 0.0,
+                 output_scale_factor: float = 1.0):
+        out_channels = out_channels or in_channels
+        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.act = activation(act_fn)
+        self.output_scale_factor = output_scale_factor
+
+    def execute(self, x, temb=None):
+        h = self.conv1(self.act(self.norm1(x)))                           # (B, Cout, H, W)
+        if self.time_emb_proj is not None and temb is not None:
+            h = h + self.time_emb_proj(self.act(temb))[:, :, None, None]  # (B, Cout, 1, 1)
+        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return (x + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv. padding=0 (the VAE) pads right/bottom by one first."""
+
+    def __init__(self, channels: int, out_channels: Optional[int] = None, padding: int = 1):
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=padding)
+
+    def execute(self, x):
+        if self.padding == 0:
+            x = nn.pad(x, (0, 1, 0, 1))
+        return self.conv(x)
+
+
+class Upsample2D(nn.Module):
+    """Double H and W (nearest neighbour, or to `output_size`) then a 3x3 conv."""
+
+    def __init__(self, channels: int, out_channels: Optional[int] = None):
+        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+
+    def execute(self, x, output_size=None):
+        b, c, h, w = x.shape
+        if output_size is None:
+            # nearest x2 without interpolation kernels: (B, C, H, 1, W, 1) -> (B, C, 2H, 2W)
+            x = x.reshape(b, c, h, 1, w, 1).broadcast((b, c, h, 2, w, 2)).reshape(b, c, 2 * h, 2 * w)
+        else:
+            x = nn.interpolate(x, size=tuple(output_size), mode="nearest")
+        return self.conv(x)
+
+
+# --------------------------------------------------------------------------- attention
+
+def attention(q, k, v, heads: int, mask=None, upcast: bool = False):
+    """Multi-head scaled dot-product attention (Vaswani et al. 2017).
+
+    q: (B, N, heads*D), k/v: (B, M, heads*D), mask: additive, broadcastable to (B, heads, N, M).
+    Returns (B, N, heads*D).
+    """
+    b, n, inner = q.shape
+    m = k.shape[1]
+    d = inner // heads
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float32(), k.float32(), v.float32()
+    q = q.reshape(b, n, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, n, d)
+    k = k.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, m, d)
+    v = v.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, m, d)
+    scores = nn.bmm(q, k.transpose(0, 2, 1)) * (d ** -0.5)                # (B*h, N, M)
+    if mask is not None:
+        scores = (scores.reshape(b, heads, n, m) + mask).reshape(b * heads, n, m)
+    probs = nn.softmax(scores, dim=-1)
+    out = nn.bmm(probs.cast(v.dtype), v)                                 # (B*h, N, D)
+    out = out.reshape(b, heads, n, d).transpose(0, 2, 1, 3).reshape(b, n, inner)
+    return out.cast(dtype)
+
+
+class Attention(nn.Module):
+    """diffusers' `Attention`: to_q / to_k / to_v / to_out.0 (+ dropout as to_out.1).
+
+    Used for UNet self/cross attention on (B, N, C) tokens and, with `norm_num_groups`
+    and `residual_connection`, as the VAE's spatial attention on (B, C, H, W) maps.
+    """
+
+    def __init__(self, query_dim: int, cross_attention_dim: Optional[int] = None, heads: int = 8,
+                 dim_head: int = 64, dropout: float = 0.0, bias: bool = False, upcast_attention: bool = False,
+                 norm_num_groups: Optional[int] = None, eps: float = 1e-5, residual_connection: bool = False,
+                 rescale_output_factor: float = 1.0, out_bias: bool = True):
+        inner = heads * dim_head
+        self.heads = heads
+        self.upcast_attention = upcast_attention
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = rescale_output_factor
+        self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups else None
+        kv_dim = cross_attention_dim or query_dim
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+
+    def execute(self, hidden_states, encoder_hidden_states=None, attention_mask=None):
+        residual = hidden_states
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            b, c, h, w = hidden_states.shape
+        if self.group_norm is not None:
+            hidden_states = self.group_norm(hidden_states)
+        if spatial:
+            hidden_states = hidden_states.reshape(b, c, h * w).transpose(0, 2, 1)   # (B, HW, C)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        out = attention(self.to_q(hidden_states), self.to_k(context), self.to_v(context), self.heads,
+                        mask=attention_mask, upcast=self.upcast_attention)
+        out = self.to_out[1](self.to_out[0](out))
+        if spatial:
+            out = out.transpose(0, 2, 1).reshape(b, c, h, w)
+        if self.residual_connection:
+            out = out + residual
+        return out / self.rescale_output_factor
