@@ -56,6 +56,39 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(self.act(self.linear_1(sample)))
 
 
+# --------------------------------------------------------------------------- normalisation
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm with a two-pass variance, computed in float32.
+
+    Jittor's nn.GroupNorm uses E[x^2] - E[x]^2, which loses precision when a group's mean is
+    large next to its spread (5e-4 error at mean 10, std 1) and overflows in float16.
+    Same constructor and parameter names (weight, bias) as torch / Jittor.
+    """
+
+    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True):
+        assert num_channels % num_groups == 0, f"{num_channels} channels do not split into {num_groups} groups"
+        self.num_groups = num_groups
+        self.num_channels = num_channels
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.weight = jt.ones((num_channels,), dtype="float32")
+            self.bias = jt.zeros((num_channels,), dtype="float32")
+
+    def execute(self, x):
+        dtype = x.dtype
+        n = x.shape[0]
+        h = x.float32().reshape(n, self.num_groups, -1)                  # (B, G, C/G * spatial)
+        h = h - h.mean(dim=2, keepdims=True)
+        var = (h * h).mean(dim=2, keepdims=True)
+        h = (h / jt.sqrt(var + self.eps)).reshape(x.shape)
+        if self.affine:
+            shape = (1, self.num_channels) + (1,) * (x.ndim - 2)
+            h = h * self.weight.float32().reshape(shape) + self.bias.float32().reshape(shape)
+        return h.cast(dtype)
+
+
 # --------------------------------------------------------------------------- resnet and resampling
 
 class ResnetBlock2D(nn.Module):
@@ -65,10 +98,10 @@ class ResnetBlock2D(nn.Module):
                  groups: int = 32, eps: float = 1e-6, act_fn: str = "silu", dropout: float = 0.0,
                  output_scale_factor: float = 1.0):
         out_channels = out_channels or in_channels
-        self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
-        self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
@@ -156,7 +189,7 @@ class Attention(nn.Module):
         self.upcast_attention = upcast_attention
         self.residual_connection = residual_connection
         self.rescale_output_factor = rescale_output_factor
-        self.group_norm = nn.GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups else None
+        self.group_norm = GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups else None
         kv_dim = cross_attention_dim or query_dim
         self.to_q = nn.Linear(query_dim, inner, bias=bias)
         self.to_k = nn.Linear(kv_dim, inner, bias=bias)
