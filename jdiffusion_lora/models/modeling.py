@@ -158,7 +158,7 @@ class ModelMixin(nn.Module):
             warnings.warn(msg)
         for k, var in own.items():
             if k in state:
-                var.assign(jt.array(np.asarray(state[k]).astype(var.dtype)))
+                var.assign(jt.array(np.asarray(state[k]).astype(str(var.dtype))))
 
     def convert_state_dict(self, state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Hook for renames that older checkpoints need; default: none."""
