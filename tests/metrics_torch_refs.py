@@ -169,3 +169,67 @@ class TorchFIDInception(tnn.Module):
             for layer in block:
                 x = layer(x)
         return F.adaptive_avg_pool2d(x, (1, 1))[:, :, 0, 0]
+
+
+# --------------------------------------------------------------------------- SqueezeNet 1.1 + LPIPS
+
+class Fire(tnn.Module):
+    def __init__(self, cin, squeeze, e1, e3):
+        super().__init__()
+        self.squeeze = tnn.Conv2d(cin, squeeze, kernel_size=1)
+        self.expand1x1 = tnn.Conv2d(squeeze, e1, kernel_size=1)
+        self.expand3x3 = tnn.Conv2d(squeeze, e3, kernel_size=3, padding=1)
+
+    def forward(self, x):
+        x = F.relu(self.squeeze(x))
+        return torch.cat([F.relu(self.expand1x1(x)), F.relu(self.expand3x3(x))], 1)
+
+
+class TorchSqueezeNet11(tnn.Module):
+    """torchvision squeezenet1_1 (features + classifier, so the state dict matches the published file)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = tnn.Sequential(
+            tnn.Conv2d(3, 64, kernel_size=3, stride=2), tnn.ReLU(), tnn.MaxPool2d(3, 2, ceil_mode=True),
+            Fire(64, 16, 64, 64), Fire(128, 16, 64, 64), tnn.MaxPool2d(3, 2, ceil_mode=True),
+            Fire(128, 32, 128, 128), Fire(256, 32, 128, 128), tnn.MaxPool2d(3, 2, ceil_mode=True),
+            Fire(256, 48, 192, 192), Fire(384, 48, 192, 192), Fire(384, 64, 256, 256), Fire(512, 64, 256, 256))
+        self.classifier = tnn.Sequential(tnn.Dropout(0.5), tnn.Conv2d(512, 1000, 1), tnn.ReLU(),
+                                         tnn.AdaptiveAvgPool2d((1, 1)))
+
+
+class NetLinLayer(tnn.Module):
+    def __init__(self, chn):
+        super().__init__()
+        self.model = tnn.Sequential(tnn.Dropout(), tnn.Conv2d(chn, 1, 1, stride=1, padding=0, bias=False))
+
+
+class TorchLPIPSSqueeze(tnn.Module):
+    """lpips.LPIPS(net="squeeze", version="0.1"): slices of squeezenet1_1.features, heads lin0..lin6."""
+
+    def __init__(self, squeezenet):
+        super().__init__()
+        self.backbone = squeezenet
+        for i, c in enumerate((64, 128, 256, 384, 384, 512, 512)):
+            setattr(self, f"lin{i}", NetLinLayer(c))
+        self.register_buffer("shift", torch.tensor([-.030, -.088, -.188])[None, :, None, None])
+        self.register_buffer("scale", torch.tensor([.458, .448, .450])[None, :, None, None])
+
+    def heads_state_dict(self):
+        """What lpips ships as weights/v0.1/squeeze.pth."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("lin")}
+
+    def forward(self, in0, in1):
+        def feats(x):
+            x = (x - self.shift) / self.scale
+            out, start = [], 0
+            for end in (2, 5, 8, 10, 11, 12, 13):
+                for i in range(start, end):
+                    x = self.backbone.features[i](x)
+                start = end
+                out.append(x / (torch.sqrt(torch.sum(x ** 2, dim=1, keepdim=True)) + 1e-10))
+            return out
+        f0, f1 = feats(in0), feats(in1)
+        return sum(getattr(self, f"lin{k}").model((f0[k] - f1[k]) ** 2).mean([2, 3], keepdim=True)
+                   for k in range(7))[:, 0, 0, 0]
