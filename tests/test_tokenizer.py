@@ -119,6 +119,16 @@ def test_saved_by_transformers_5(pair, tmp_path):
     assert ours.pad_token_id == ref.pad_token_id
 
 
+def test_our_save_pretrained_round_trips_and_loads_in_transformers(pair, tmp_path):
+    ref, ours = pair
+    ours.save_pretrained(str(tmp_path / "tok"))
+    again = CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+    theirs = transformers.CLIPTokenizer.from_pretrained(str(tmp_path / "tok"))
+    for text in TRICKY:
+        assert again.encode(text) == ours.encode(text) == theirs(text)["input_ids"], text
+    assert again.pad_token_id == theirs.pad_token_id == ref.pad_token_id
+
+
 def test_config_with_added_tokens_decoder(folder, tmp_path):
     """Folders written by transformers >= 4.34 list the special tokens in `added_tokens_decoder`."""
     for name in ("vocab.json", "merges.txt"):

@@ -238,6 +238,30 @@ class CLIPTokenizer:
                    added_tokens={t: i for t, (i, _) in added.items()},
                    normalized_tokens=[t for t, (_, norm) in added.items() if norm], **tokens)
 
+    def save_pretrained(self, folder: str) -> None:
+        """Write vocab.json, merges.txt and tokenizer_config.json (transformers reads them back)."""
+        from ..weights import atomic_write_bytes
+
+        os.makedirs(folder, exist_ok=True)
+        merges = sorted(self.bpe_ranks, key=self.bpe_ranks.get)
+        normalized = set(self._normalized_added)
+        config = {
+            "model_max_length": self.model_max_length, "do_lower_case": True,
+            "bos_token": self.bos_token, "eos_token": self.eos_token,
+            "pad_token": self.pad_token, "unk_token": self.unk_token,
+            "added_tokens_decoder": {str(i): {"content": t, "normalized": t in normalized, "special": True,
+                                              "lstrip": False, "rstrip": False, "single_word": False}
+                                     for t, i in sorted(self.added_tokens.items(), key=lambda kv: kv[1])},
+            "tokenizer_class": "CLIPTokenizer",
+        }
+        files = {
+            "vocab.json": json.dumps(self.encoder, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False),
+        }
+        for name, text in files.items():
+            atomic_write_bytes(os.path.join(folder, name), [text.encode("utf-8")])
+
     # ------------------------------------------------------------------ ids of special tokens
 
     @property
