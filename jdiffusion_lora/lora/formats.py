@@ -1,0 +1,636 @@
+"""LoRA file formats: detection, reading into a `LoraState`, writing from one.
+
+Read (auto-detected):
+- diffusers / PEFT: `unet.<path>.lora_A.weight` (down), `.lora_B.weight` (up),
+  `.lora_magnitude_vector` (DoRA), text keys `text_encoder.<path>...`; alphas come from the
+  `lora_adapter_metadata` JSON in the safetensors header (what diffusers >= 0.35 writes:
+  PEFT LoraConfig fields per component, `unet.lora_alpha`, `unet.alpha_pattern`, ...);
+  without it alpha = rank. PEFT's LoHa/LoKr names (`.hada_w1_a`, `.lokr_w1`) too.
+- diffusers legacy: `.lora.down.weight` / `.lora.up.weight`, `.processor.to_q_lora.down.weight`,
+  `to_out_lora` (-> `to_out.0`), text `.lora_linear_layer.down.weight`, text `to_q_lora` (-> q_proj).
+- JDiffusion saves: the above in a torch pickle, with `base_model.model.` after the component.
+- kohya / A1111 / ComfyUI: `lora_unet_<name>.lora_down.weight`, `.lora_up.weight`, `.alpha`,
+  `lora_te_` / `lora_te1_` / `lora_te2_`; LyCORIS suffixes `hada_w1_a` ... (LoHa),
+  `lokr_w1`, `lokr_w1_a/_b`, `lokr_w2`, `lokr_w2_a/_b`, `lokr_t2` (LoKr), `lora_mid` (LoCon
+  Tucker), `dora_scale` (DoRA). kohya names become module paths through a table built from
+  the module names (`path.replace(".", "_") -> path`), never by replacing "_" with ".".
+
+Write: "diffusers" (PEFT names + `lora_adapter_metadata`) or "kohya" (kohya/LyCORIS names,
+`.alpha`, `ss_*` metadata), as safetensors in fp32/fp16/bf16.
+
+Anything that cannot be mapped is an error naming the keys, or with strict=False a warning
+listing exactly what was skipped.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import re
+import warnings
+from typing import Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from ..weights import WeightsError, read_safetensors, read_torch_pickle, save_safetensors
+from .state import LoraError, LoraState, ModuleLora
+
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+KOHYA_PREFIXES = (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2"),
+                  ("lora_te_", "text_encoder"))
+LORA_WEIGHT_NAMES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+METADATA_KEY = "lora_adapter_metadata"   # diffusers' header key for PEFT LoraConfig fields
+
+# kohya/LyCORIS key suffix -> (kind, tensor role); kind None: fits any kind
+_KOHYA_SUFFIXES = {
+    "lora_down.weight": ("lora", "down"), "lora_up.weight": ("lora", "up"), "lora_mid.weight": ("lora", "mid"),
+    "hada_w1_a": ("loha", "w1_a"), "hada_w1_b": ("loha", "w1_b"), "hada_w2_a": ("loha", "w2_a"),
+    "hada_w2_b": ("loha", "w2_b"), "hada_t1": ("loha", "t1"), "hada_t2": ("loha", "t2"),
+    "lokr_w1": ("lokr", "w1"), "lokr_w1_a": ("lokr", "w1_a"), "lokr_w1_b": ("lokr", "w1_b"),
+    "lokr_w2": ("lokr", "w2"), "lokr_w2_a": ("lokr", "w2_a"), "lokr_w2_b": ("lokr", "w2_b"),
+    "lokr_t2": ("lokr", "t2"),
+    "dora_scale": (None, "magnitude"), "alpha": (None, "alpha"),
+}
+_LYCORIS_ROLE_TO_SUFFIX = {(k, r): s for s, (k, r) in _KOHYA_SUFFIXES.items() if k in ("loha", "lokr")}
+
+# diffusers-side key patterns: (regex on the key after the component prefix, kind, role, family)
+_ADAPTER = r"(?:\.[A-Za-z0-9_\-]+)?"   # PEFT's optional adapter name (".default")
+_DIFFUSERS_PATTERNS = [
+    (re.compile(rf"^(?P<m>.+)\.lora_A{_ADAPTER}\.weight$"), "lora", "down", "peft"),
+    (re.compile(rf"^(?P<m>.+)\.lora_B{_ADAPTER}\.weight$"), "lora", "up", "peft"),
+    (re.compile(rf"^(?P<m>.+)\.lora_magnitude_vector{_ADAPTER}(?:\.weight)?$"), None, "magnitude", "peft"),
+    (re.compile(r"^(?P<m>.+)\.lora\.(?P<r>down|up)\.weight$"), "lora", None, "legacy"),
+    (re.compile(r"^(?P<m>.+)\.lora_linear_layer\.(?P<r>down|up)\.weight$"), "lora", None, "legacy"),
+    (re.compile(r"^(?P<m>.+?)(?:\.processor)?\.(?P<p>to_q|to_k|to_v|to_out|add_q_proj|add_k_proj|add_v_proj)"
+                r"_lora\.(?P<r>down|up)\.weight$"), "lora", None, "legacy"),
+    (re.compile(r"^(?P<m>.+)\.(?P<r>lora_down|lora_up|lora_mid)\.weight$"), "lora", None, "kohya-suffix"),
+    (re.compile(r"^(?P<m>.+)\.(?P<s>hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|dora_scale)"
+                rf"{_ADAPTER}$"), None, None, "lycoris"),
+    (re.compile(r"^(?P<m>.+)\.alpha$"), None, "alpha", "alpha"),
+]
+_LEGACY_UNET_PROJ = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0",
+                     "add_q_proj": "add_q_proj", "add_k_proj": "add_k_proj", "add_v_proj": "add_v_proj"}
+_LEGACY_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_UNET_ROOTS = ("down_blocks", "up_blocks", "mid_block", "conv_in", "conv_out", "time_embedding", "add_embedding")
+
+
+# --------------------------------------------------------------------------- reading files
+
+def find_lora_file(path: str, weight_name: Optional[str] = None) -> str:
+    """A LoRA file path, or the LoRA file inside a folder (diffusers' names first)."""
+    if os.path.isfile(path):
+        return path
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"LoRA file or folder not found: {path}")
+    if weight_name:
+        p = os.path.join(path, weight_name)
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"{path} has no {weight_name}")
+        return p
+    for name in LORA_WEIGHT_NAMES:
+        if os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    candidates = sorted(f for f in os.listdir(path) if f.endswith((".safetensors", ".bin")))
+    if len(candidates) == 1:
+        return os.path.join(path, candidates[0])
+    raise FileNotFoundError(f"{path}: expected {LORA_WEIGHT_NAMES[0]} or exactly one .safetensors/.bin file, "
+                            f"found {candidates}; pass weight_name")
+
+
+def read_lora_file(path: str, weight_name: Optional[str] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(tensors, safetensors header metadata) of a LoRA file; torch pickles have no metadata."""
+    path = find_lora_file(path, weight_name)
+    if path.endswith(".safetensors"):
+        tensors, _, metadata = read_safetensors(path)
+        return tensors, metadata
+    try:
+        return read_torch_pickle(path), {}
+    except WeightsError:
+        # A safetensors file with another extension?
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{":
+            tensors, _, metadata = read_safetensors(path)
+            return tensors, metadata
+        raise
+
+
+# --------------------------------------------------------------------------- name tables
+
+def kohya_name(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def kohya_name_table(module_names: Iterable[str], component: str = "unet") -> Dict[str, Optional[str]]:
+    """kohya name (without the lora_unet_/lora_te_ prefix) -> module path, from real module names.
+
+    Text encoders get `text_model.`-rooted aliases when the model has no `text_model` root
+    (transformers 5 flattened CLIPTextModel), because every kohya file has `text_model_`.
+    Two paths with the same kohya name map to None (ambiguous) and are refused when used.
+    """
+    table: Dict[str, Optional[str]] = {}
+
+    def add(key, path):
+        if key in table and table[key] != path:
+            table[key] = None
+        else:
+            table[key] = path
+
+    for path in module_names:
+        if not path:
+            continue
+        add(kohya_name(path), path)
+        if component.startswith("text_encoder") and not path.startswith("text_model."):
+            add(kohya_name("text_model." + path), path)
+    return table
+
+
+def standard_module_names(component: str) -> List[str]:
+    """Linear/Conv2d names of the Stable Diffusion 1.x/2.x/XL UNet or CLIP text encoders.
+
+    Used to map kohya names when no live model is at hand (`lora inspect`, `lora convert`).
+    A superset: every block index any SD variant uses.
+    """
+    names: List[str] = []
+    if component == "unet":
+        names += ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
+                  "add_embedding.linear_1", "add_embedding.linear_2"]
+        blocks = [f"down_blocks.{i}" for i in range(4)] + [f"up_blocks.{i}" for i in range(4)] + ["mid_block"]
+        for block in blocks:
+            for j in range(4):
+                names += [f"{block}.resnets.{j}.{n}" for n in ("conv1", "conv2", "time_emb_proj", "conv_shortcut")]
+                att = f"{block}.attentions.{j}"
+                names += [f"{att}.proj_in", f"{att}.proj_out"]
+                for k in range(10):
+                    tb = f"{att}.transformer_blocks.{k}"
+                    for a in ("attn1", "attn2"):
+                        names += [f"{tb}.{a}.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")]
+                    names += [f"{tb}.ff.net.0.proj", f"{tb}.ff.net.2"]
+            names += [f"{block}.downsamplers.0.conv", f"{block}.upsamplers.0.conv"]
+    else:
+        for i in range(48):
+            layer = f"text_model.encoder.layers.{i}"
+            names += [f"{layer}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            names += [f"{layer}.mlp.fc1", f"{layer}.mlp.fc2"]
+        names.append("text_projection")
+    return names
+
+
+def standard_name_tables() -> Dict[str, Dict[str, Optional[str]]]:
+    return {c: kohya_name_table(standard_module_names(c), c) for c in COMPONENTS}
+
+
+def canonical_text_path(path: str) -> str:
+    """Text-encoder module paths as stored in files: rooted at `text_model.` (CLIPTextModel)."""
+    if path.startswith(("encoder.", "embeddings.", "final_layer_norm")):
+        return "text_model." + path
+    return path
+
+
+# --------------------------------------------------------------------------- detection and parsing
+
+def _is_kohya_key(key: str) -> bool:
+    return key.startswith(tuple(p for p, _ in KOHYA_PREFIXES))
+
+
+def detect_format(keys: Iterable[str]) -> str:
+    """"kohya", "lycoris", "diffusers", "diffusers-legacy", "jdiffusion", "mixed" or "unknown"."""
+    keys = list(keys)
+    kohya = [k for k in keys if _is_kohya_key(k)]
+    other = [k for k in keys if not _is_kohya_key(k)]
+    if kohya and other:
+        return "mixed"
+    if kohya:
+        lyco = any(k.split(".", 1)[-1] in ("hada_w1_a", "lokr_w1", "lokr_w1_a", "lora_mid.weight", "dora_scale")
+                   for k in kohya)
+        return "lycoris" if lyco else "kohya"
+    if not other:
+        return "unknown"
+    if any(".base_model.model." in k or k.startswith("base_model.model.") for k in other):
+        return "jdiffusion"
+    if any(".lora_A." in k or ".lora_B." in k or ".lokr_" in k or ".hada_" in k or "lora_magnitude_vector" in k
+           for k in other):
+        legacy = any(".lora.down." in k or "_lora.down." in k or ".lora_linear_layer." in k for k in other)
+        return "diffusers-legacy" if legacy else "diffusers"
+    if any(".lora.down." in k or "_lora.down." in k or ".lora_linear_layer." in k for k in other):
+        return "diffusers-legacy"
+    return "unknown"
+
+
+def _split_component(key: str) -> Tuple[Optional[str], str]:
+    """(component, rest) of a diffusers-style key; strips PEFT's `base_model.model.` wrapper."""
+    first, _, rest = key.partition(".")
+    if first in COMPONENTS:
+        component = first
+    else:
+        component, rest = None, key
+    if rest.startswith("base_model.model."):
+        rest = rest[len("base_model.model."):]
+    if component is None:
+        if rest.startswith(_UNET_ROOTS):
+            component = "unet"
+        elif rest.startswith("text_model."):
+            component = "text_encoder"
+    return component, rest
+
+
+class _Collector:
+    """Gathers (module key, role) -> tensor, noticing duplicates and kind conflicts."""
+
+    def __init__(self):
+        self.tensors: Dict[str, Dict[str, np.ndarray]] = collections.OrderedDict()
+        self.kinds: Dict[str, set] = collections.defaultdict(set)
+        self.alphas: Dict[str, float] = {}
+        self.sources: Dict[Tuple[str, str], str] = {}
+        self.problems: List[str] = []
+
+    def add(self, module: str, kind: Optional[str], role: str, value: np.ndarray, key: str):
+        if (module, role) in self.sources:
+            self.problems.append(f"{key}: same tensor as {self.sources[(module, role)]}")
+            return
+        self.sources[(module, role)] = key
+        if role == "alpha":
+            self.alphas[module] = float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
+            return
+        if kind:
+            self.kinds[module].add(kind)
+        self.tensors.setdefault(module, {})[role] = value
+
+    def build(self) -> Tuple[Dict[str, ModuleLora], List[str]]:
+        modules, problems = {}, list(self.problems)
+        for module, tensors in self.tensors.items():
+            kinds = self.kinds.get(module) or {"lora"}
+            keys = [self.sources[(module, r)] for r in tensors]
+            if len(kinds) > 1:
+                problems.append(f"{module}: mixes adapter kinds {sorted(kinds)} in keys {keys}")
+                continue
+            try:
+                modules[module] = ModuleLora(kinds.pop(), tensors, self.alphas.get(module))
+            except LoraError as e:
+                problems.append(f"{module}: {e} (keys {keys})")
+        for module in self.alphas:
+            if module not in self.tensors:
+                problems.append(f"{self.sources[(module, 'alpha')]}: alpha without adapter weights")
+        return modules, problems
+
+
+def _parse_kohya(tensors, tables, col: _Collector, leftover: List[str]):
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        prefix, component = next((p, c) for p, c in KOHYA_PREFIXES if name.startswith(p))
+        if suffix not in _KOHYA_SUFFIXES:
+            leftover.append(f"{key} (unknown suffix {suffix!r})")
+            continue
+        table = tables.get(component) or {}
+        path = table.get(name[len(prefix):], "") if table else ""
+        if path is None:
+            leftover.append(f"{key} (ambiguous kohya name)")
+            continue
+        if not path:
+            leftover.append(f"{key} (no module {name[len(prefix):]!r} in {component})")
+            continue
+        if component.startswith("text_encoder"):
+            path = canonical_text_path(path)
+        kind, role = _KOHYA_SUFFIXES[suffix]
+        col.add(f"{component}.{path}", kind, role, value, key)
+
+
+def _parse_diffusers(tensors, col: _Collector, leftover: List[str]):
+    for key, value in tensors.items():
+        component, rest = _split_component(key)
+        if component is None:
+            leftover.append(f"{key} (no unet./text_encoder. prefix and not a UNet/CLIP name)")
+            continue
+        for pattern, kind, role, family in _DIFFUSERS_PATTERNS:
+            m = pattern.match(rest)
+            if not m:
+                continue
+            path = m.group("m")
+            groups = m.groupdict()
+            if groups.get("p"):
+                table = _LEGACY_TEXT_PROJ if component.startswith("text_encoder") else _LEGACY_UNET_PROJ
+                if groups["p"] not in table:
+                    continue
+                path = f"{path}.{table[groups['p']]}"
+            if family == "legacy":
+                role = groups["r"]
+            elif family == "kohya-suffix":
+                kind, role = _KOHYA_SUFFIXES[groups["r"] + ".weight"]
+            elif family == "lycoris":
+                kind, role = _KOHYA_SUFFIXES[groups["s"]]
+            if component.startswith("text_encoder"):
+                path = canonical_text_path(path)
+            if role == "magnitude" and family == "peft":
+                value = value.reshape(-1)   # PEFT: (out,) for Linear, (1, out, 1, 1) for Conv2d
+            col.add(f"{component}.{path}", kind, role, value, key)
+            break
+        else:
+            if re.search(r"\.lora_B(\.[^.]+)?\.bias$", rest):
+                leftover.append(f"{key} (LoRA bias is not supported)")
+            else:
+                leftover.append(f"{key} (not a LoRA tensor name)")
+
+
+def _pattern_lookup(patterns: Dict[str, float], path: str):
+    """PEFT's rank/alpha pattern rule: the key matches the end of the module path."""
+    for candidate in (path, path[len("text_model."):] if path.startswith("text_model.") else None):
+        if candidate is None:
+            continue
+        for key, value in (patterns or {}).items():
+            if re.match(rf"(.*\.)?({key.lstrip('^')})$", candidate):
+                return value
+    return None
+
+
+def _apply_diffusers_metadata(modules: Dict[str, ModuleLora], metadata: Dict[str, str]):
+    """Set alphas from diffusers' `lora_adapter_metadata` (PEFT LoraConfig fields per component)."""
+    raw = metadata.get(METADATA_KEY)
+    if not raw:
+        return
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise LoraError(f"unreadable {METADATA_KEY} in the file header ({e})") from None
+    for component in COMPONENTS:
+        cfg = {k[len(component) + 1:]: v for k, v in meta.items() if k.startswith(component + ".")}
+        if not cfg:
+            continue
+        base_r = cfg.get("r", 8)
+        base_alpha = cfg.get("lora_alpha", cfg.get("alpha", base_r))
+        for key, entry in modules.items():
+            if not key.startswith(component + ".") or entry.alpha is not None or entry.rank is None:
+                continue
+            path = key[len(component) + 1:]
+            r = _pattern_lookup(cfg.get("rank_pattern") or {}, path) or base_r
+            alpha = _pattern_lookup(cfg.get("alpha_pattern") or {}, path) or base_alpha
+            scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            if abs(scale - 1.0) > 1e-12:
+                entry.alpha = scale * entry.rank
+
+
+def parse_lora_state_dict(tensors: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None,
+                          name_tables: Optional[Dict[str, Dict[str, Optional[str]]]] = None,
+                          strict: bool = True, source: str = "LoRA state dict") -> LoraState:
+    """Turn the tensors of any supported format into a `LoraState`.
+
+    name_tables: component -> kohya name table (see `kohya_name_table`); default: the
+    standard Stable Diffusion names. Keys that cannot be mapped raise `LoraError` listing
+    them; with strict=False they are skipped with a warning that lists them.
+    """
+    metadata = dict(metadata or {})
+    tensors = {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in tensors.items()}
+    if not tensors:
+        raise LoraError(f"{source}: no tensors")
+    fmt = detect_format(tensors)
+    if fmt == "mixed":
+        kohya = [k for k in tensors if _is_kohya_key(k)][:3]
+        other = [k for k in tensors if not _is_kohya_key(k)][:3]
+        raise LoraError(f"{source}: mixes kohya keys (e.g. {kohya}) with diffusers keys (e.g. {other}); "
+                        "one file must use one format")
+    col, leftover = _Collector(), []
+    if fmt in ("kohya", "lycoris"):
+        _parse_kohya(tensors, name_tables or standard_name_tables(), col, leftover)
+    else:
+        _parse_diffusers(tensors, col, leftover)
+    modules, problems = col.build()
+    if fmt in ("kohya", "lycoris"):
+        for entry in modules.values():   # kohya: alpha 0 means "alpha = rank"
+            if entry.alpha == 0:
+                entry.alpha = None
+    else:
+        _apply_diffusers_metadata(modules, metadata)
+    bad = leftover + problems
+    if bad:
+        msg = f"{source} ({fmt} format): {len(bad)} key(s)/module(s) could not be used: " + "; ".join(bad)
+        if strict:
+            raise LoraError(msg)
+        warnings.warn(msg + " -- skipped (strict=False)")
+    if not modules:
+        raise LoraError(f"{source}: no usable LoRA modules (format {fmt})")
+    return LoraState(modules, metadata, fmt)
+
+
+def load_lora_state(path_or_tensors, name_tables=None, strict: bool = True,
+                    weight_name: Optional[str] = None) -> LoraState:
+    """Read a LoRA file / folder / dict of arrays into a `LoraState`."""
+    if isinstance(path_or_tensors, LoraState):
+        return path_or_tensors
+    if isinstance(path_or_tensors, dict):
+        tensors = {k: _to_numpy(v) for k, v in path_or_tensors.items()}
+        return parse_lora_state_dict(tensors, {}, name_tables, strict)
+    path = find_lora_file(str(path_or_tensors), weight_name)
+    tensors, metadata = read_lora_file(path)
+    return parse_lora_state_dict(tensors, metadata, name_tables, strict, source=path)
+
+
+def _to_numpy(v):
+    if isinstance(v, np.ndarray):
+        return v
+    if hasattr(v, "detach"):   # a torch tensor handed over by a caller
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            v = v.float()
+        return v.numpy()
+    if hasattr(v, "numpy"):
+        return v.numpy()
+    return np.asarray(v)
+
+
+# --------------------------------------------------------------------------- writing
+
+def _most_common(values):
+    return collections.Counter(values).most_common(1)[0][0]
+
+
+def _alpha_or_rank(entry: ModuleLora):
+    a = entry.alpha if entry.alpha is not None else entry.rank
+    return int(a) if a is not None and float(a).is_integer() else a
+
+
+def to_diffusers(state: LoraState) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(tensors, header metadata) in diffusers/PEFT layout, loadable by diffusers' `load_lora_weights`."""
+    tensors, problems = {}, []
+    config = {}
+    for component in state.components():
+        entries = state.component(component)
+        text = component.startswith("text_encoder")
+        ranks, alphas, targets, dora = {}, {}, [], set()
+        for path, entry in entries.items():
+            if entry.kind != "lora" or "mid" in entry.tensors:
+                what = "LoCon Tucker (lora_mid)" if entry.kind == "lora" else entry.kind
+                problems.append(f"{component}.{path}: {what} adapters cannot be loaded by diffusers' Stable "
+                                "Diffusion LoRA loader; save with format='kohya' (LyCORIS names)")
+                continue
+            file_path = canonical_text_path(path) if text else path
+            key = f"{component}.{file_path}"
+            tensors[f"{key}.lora_A.weight"] = entry.tensors["down"]
+            tensors[f"{key}.lora_B.weight"] = entry.tensors["up"]
+            if entry.uses_dora:
+                m = entry.tensors["magnitude"]
+                if m.ndim > 1 and m.shape[0] == 1 and m.size > 1:   # (1, in, ...): per input column
+                    problems.append(f"{component}.{path}: DoRA normalised per input column (old LyCORIS) has no "
+                                    "PEFT form; save with format='kohya'")
+                    continue
+                conv = entry.tensors["up"].ndim == 4
+                tensors[f"{key}.lora_magnitude_vector"] = m.reshape(1, -1, 1, 1) if conv else m.reshape(-1)
+                dora.add(True)
+            else:
+                dora.add(False)
+            # PEFT matches target/pattern keys as name suffixes: text paths without `text_model.`
+            # match both transformers 4 (text_model.encoder...) and 5 (encoder...) CLIP models.
+            meta_path = path[len("text_model."):] if text and path.startswith("text_model.") else path
+            targets.append(meta_path)
+            ranks[meta_path] = entry.rank
+            alphas[meta_path] = _alpha_or_rank(entry)
+        if len(dora) > 1:
+            problems.append(f"{component}: DoRA on some modules only; PEFT's use_dora applies to all")
+        if not ranks:
+            continue
+        r = _most_common(ranks.values())
+        lora_alpha = _most_common(alphas.values())
+        config.update({
+            f"{component}.r": r,
+            f"{component}.lora_alpha": lora_alpha,
+            f"{component}.rank_pattern": {p: v for p, v in ranks.items() if v != r},
+            f"{component}.alpha_pattern": {p: v for p, v in alphas.items() if v != lora_alpha},
+            f"{component}.target_modules": sorted(targets),
+            f"{component}.use_dora": dora == {True},
+            f"{component}.init_lora_weights": True,
+            f"{component}.lora_dropout": 0.0,
+            f"{component}.bias": "none",
+        })
+    if problems:
+        raise LoraError("cannot write diffusers format: " + "; ".join(problems))
+    metadata = {"format": "pt", METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+    return tensors, metadata
+
+
+def guess_base_model(state: LoraState) -> Optional[str]:
+    """kohya's ss_base_model_version from tensor widths: "sd_v1", "sd_v2", "sdxl_base_v1-0" or None."""
+    comps = state.components()
+    if "text_encoder_2" in comps:
+        return "sdxl_base_v1-0"
+    for key, entry in state.modules.items():
+        if entry.kind != "lora":
+            continue
+        if key.startswith("text_encoder.") and key.endswith(("q_proj", "k_proj", "v_proj")):
+            width = entry.tensors["down"].shape[1]
+            return {768: "sd_v1", 1024: "sd_v2", 1280: "sdxl_base_v1-0"}.get(width)
+        if key.startswith("unet.") and ".attn2.to_k" in key:
+            width = entry.tensors["down"].shape[1]
+            return {768: "sd_v1", 1024: "sd_v2", 2048: "sdxl_base_v1-0"}.get(width)
+    return None
+
+
+def to_kohya(state: LoraState, base_model: Optional[str] = None,
+             extra_metadata: Optional[Dict[str, str]] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(tensors, header metadata) with kohya / LyCORIS names and `ss_*` metadata."""
+    sdxl = "text_encoder_2" in state.components()
+    prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    tensors: Dict[str, np.ndarray] = {}
+    seen: Dict[str, str] = {}
+    kinds, ranks, alphas, conv_ranks, conv_alphas = set(), [], [], [], []
+    for key, entry in state.modules.items():
+        component, path = key.split(".", 1)
+        if component.startswith("text_encoder"):
+            path = canonical_text_path(path)
+        name = prefix[component] + kohya_name(path)
+        if name in seen:
+            raise LoraError(f"{key} and {seen[name]} have the same kohya name {name}")
+        seen[name] = key
+        t = entry.tensors
+        kinds.add(entry.kind)
+        if entry.kind == "lora":
+            tensors[f"{name}.lora_down.weight"] = t["down"]
+            tensors[f"{name}.lora_up.weight"] = t["up"]
+            if "mid" in t:
+                tensors[f"{name}.lora_mid.weight"] = t["mid"]
+        else:
+            for role, value in t.items():
+                if role != "magnitude":
+                    tensors[f"{name}.{_LYCORIS_ROLE_TO_SUFFIX[(entry.kind, role)]}"] = value
+        if entry.uses_dora:
+            m = t["magnitude"]
+            if m.ndim == 1:   # PEFT (out,) -> LyCORIS (out, 1[, 1, 1])
+                ndim = t["up"].ndim if entry.kind == "lora" else 2
+                m = m.reshape(-1, *([1] * (ndim - 1)))
+            tensors[f"{name}.dora_scale"] = m
+        alpha = entry.alpha if entry.alpha is not None else (entry.rank if entry.kind != "lokr" else None)
+        if alpha is not None:
+            tensors[f"{name}.alpha"] = np.asarray(alpha, dtype=np.float32)
+        spatial = entry.kind == "lora" and t["down"].ndim == 4 and (t["down"].shape[2:] != (1, 1) or "mid" in t)
+        if entry.rank is not None:
+            (conv_ranks if spatial else ranks).append(entry.rank)
+            (conv_alphas if spatial else alphas).append(_alpha_or_rank(entry))
+    version = base_model or guess_base_model(state)
+    lycoris = kinds != {"lora"} or any(e.uses_dora or "mid" in e.tensors for e in state.modules.values())
+    args = {}
+    if conv_ranks:
+        args.update(conv_dim=str(_most_common(conv_ranks)), conv_alpha=str(_most_common(conv_alphas)))
+    if lycoris:
+        algo = (kinds - {"lora"}).pop() if len(kinds - {"lora"}) == 1 else "locon"
+        args["algo"] = algo
+        if any(e.uses_dora for e in state.modules.values()):
+            args["dora_wd"] = "True"
+    metadata = {
+        "ss_network_module": "lycoris.kohya" if lycoris else "networks.lora",
+        "ss_network_dim": str(_most_common(ranks or conv_ranks or [1])),
+        "ss_network_alpha": str(_most_common(alphas or conv_alphas or [1])),
+        "ss_base_model_version": version or "sd_v1",
+        "ss_v2": str(version == "sd_v2"),
+    }
+    if args:
+        metadata["ss_network_args"] = json.dumps(args)
+    metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
+    return tensors, metadata
+
+
+def save_lora_state(state: LoraState, path: str, format: str = "diffusers", dtype: Optional[str] = "fp32",
+                    metadata: Optional[Dict[str, str]] = None, base_model: Optional[str] = None) -> str:
+    """Write `state` as a safetensors file (atomically). `path` may be a folder (diffusers' file name).
+
+    format: "diffusers" or "kohya"; dtype: "fp32", "fp16", "bf16" or None (keep array dtypes).
+    metadata: extra header entries (kohya: `ss_*` training settings). Returns the file path.
+    """
+    if os.path.isdir(path) or not os.path.splitext(path)[1]:
+        path = os.path.join(path, LORA_WEIGHT_NAMES[0])
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"LoRA files are written as .safetensors, got {path}")
+    if dtype not in (None, "fp32", "fp16", "bf16"):
+        raise ValueError(f"dtype must be fp32, fp16, bf16 or None, got {dtype!r}")
+    if format == "diffusers":
+        tensors, header = to_diffusers(state)
+        header.update({k: str(v) for k, v in (metadata or {}).items()})
+    elif format == "kohya":
+        tensors, header = to_kohya(state, base_model, metadata)
+    else:
+        raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
+    save_safetensors(tensors, path, metadata=header, dtype=dtype)
+    return path
+
+
+def convert_lora_file(src: str, dst: str, to: str, dtype: Optional[str] = None, strict: bool = True,
+                      name_tables=None) -> LoraState:
+    """Read any supported LoRA file and write it in format `to` ("kohya" or "diffusers")."""
+    state = load_lora_state(src, name_tables=name_tables, strict=strict)
+    extra = {k: v for k, v in state.metadata.items() if k.startswith(("ss_", "sshs_", "modelspec."))} \
+        if to == "kohya" else None
+    save_lora_state(state, dst, format=to, dtype=dtype, metadata=extra)
+    return state
+
+
+def compatibility_report(state: LoraState) -> Dict[str, List[str]]:
+    """Modules that diffusers' SD loader or A1111 would reject or drop, with the reason."""
+    diffusers_issues, a1111_issues = [], []
+    for key, entry in state.modules.items():
+        if entry.kind != "lora":
+            diffusers_issues.append(f"{key}: {entry.kind} (diffusers' Stable Diffusion loader reads LoRA only)")
+        elif "mid" in entry.tensors:
+            diffusers_issues.append(f"{key}: LoCon Tucker lora_mid (not read by diffusers)")
+        if entry.uses_dora and state.source_format in ("kohya", "lycoris"):
+            diffusers_issues.append(f"{key}: dora_scale (diffusers drops it from kohya files with a warning)")
+    if state.source_format not in ("kohya", "lycoris"):
+        a1111_issues.append(f"all {len(state.modules)} modules: A1111/ComfyUI expect kohya names "
+                            "(lora_unet_..., lora_te_...); convert with `lora convert --to kohya`")
+    return {"diffusers": diffusers_issues, "a1111": a1111_issues}
