@@ -388,6 +388,8 @@ def parse_lora_state_dict(tensors: Dict[str, np.ndarray], metadata: Optional[Dic
         other = [k for k in tensors if not _is_kohya_key(k)][:3]
         raise LoraError(f"{source}: mixes kohya keys (e.g. {kohya}) with diffusers keys (e.g. {other}); "
                         "one file must use one format")
+    if fmt == "unknown":
+        raise LoraError(f"{source}: not a LoRA file: no key has a LoRA name (first keys: {sorted(tensors)[:5]})")
     col, leftover = _Collector(), []
     if fmt in ("kohya", "lycoris"):
         _parse_kohya(tensors, name_tables or standard_name_tables(), col, leftover)
@@ -440,7 +442,9 @@ def _to_numpy(v):
 # --------------------------------------------------------------------------- writing
 
 def _most_common(values):
-    return collections.Counter(values).most_common(1)[0][0]
+    """The most frequent value; ties go to the smallest, so the result does not depend on order."""
+    counts = collections.Counter(values)
+    return min(counts, key=lambda v: (-counts[v], v))
 
 
 def _alpha_or_rank(entry: ModuleLora):
