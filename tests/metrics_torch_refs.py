@@ -233,3 +233,136 @@ class TorchLPIPSSqueeze(tnn.Module):
         f0, f1 = feats(in0), feats(in1)
         return sum(getattr(self, f"lin{k}").model((f0[k] - f1[k]) ** 2).mean([2, 3], keepdim=True)
                    for k in range(7))[:, 0, 0, 0]
+
+
+# --------------------------------------------------------------------------- OpenAI CLIP (ResNet) for CLIP-IQA
+
+class Bottleneck(tnn.Module):
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(planes)
+        self.conv2 = tnn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(planes)
+        self.avgpool = tnn.AvgPool2d(stride) if stride > 1 else tnn.Identity()
+        self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = tnn.BatchNorm2d(planes * 4)
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:
+            self.downsample = tnn.Sequential(OrderedDict([
+                ("-1", tnn.AvgPool2d(stride)), ("0", tnn.Conv2d(inplanes, planes * 4, 1, bias=False)),
+                ("1", tnn.BatchNorm2d(planes * 4))]))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x if self.downsample is None else self.downsample(x)
+        return F.relu(out + identity)
+
+
+class AttentionPool2d(tnn.Module):
+    def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
+        super().__init__()
+        self.positional_embedding = tnn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim) / embed_dim ** 0.5)
+        self.k_proj = tnn.Linear(embed_dim, embed_dim)
+        self.q_proj = tnn.Linear(embed_dim, embed_dim)
+        self.v_proj = tnn.Linear(embed_dim, embed_dim)
+        self.c_proj = tnn.Linear(embed_dim, output_dim)
+        self.num_heads = num_heads
+
+    def forward(self, x):
+        """CLIP-IQA / piq: pos_embedding=False, no positional embedding added."""
+        x = x.flatten(2).permute(2, 0, 1)                                  # (HW, B, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+        x, _ = F.multi_head_attention_forward(
+            query=x, key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+            q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight, v_proj_weight=self.v_proj.weight,
+            in_proj_weight=None, in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+            bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0, out_proj_weight=self.c_proj.weight,
+            out_proj_bias=self.c_proj.bias, use_separate_proj_weight=True, training=False, need_weights=False)
+        return x[0]
+
+
+class ModifiedResNet(tnn.Module):
+    def __init__(self, layers, output_dim, heads, input_resolution, width):
+        super().__init__()
+        self.conv1 = tnn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = tnn.BatchNorm2d(width // 2)
+        self.conv2 = tnn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = tnn.BatchNorm2d(width // 2)
+        self.conv3 = tnn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = tnn.BatchNorm2d(width)
+        self.avgpool = tnn.AvgPool2d(2)
+        inplanes = width
+        for i, n in enumerate(layers):
+            planes, stride = width * 2 ** i, (1 if i == 0 else 2)
+            blocks = [Bottleneck(inplanes, planes, stride)] + [Bottleneck(planes * 4, planes) for _ in range(n - 1)]
+            inplanes = planes * 4
+            setattr(self, f"layer{i + 1}", tnn.Sequential(*blocks))
+        self.attnpool = AttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+    def forward(self, x):
+        for conv, bn in [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]:
+            x = F.relu(bn(conv(x)))
+        x = self.avgpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+
+class ResidualAttentionBlock(tnn.Module):
+    def __init__(self, width, heads, attn_mask):
+        super().__init__()
+        self.attn = tnn.MultiheadAttention(width, heads)
+        self.ln_1 = tnn.LayerNorm(width)
+        self.mlp = tnn.Sequential(OrderedDict([("c_fc", tnn.Linear(width, width * 4)), ("gelu", QuickGELU()),
+                                               ("c_proj", tnn.Linear(width * 4, width))]))
+        self.ln_2 = tnn.LayerNorm(width)
+        self.attn_mask = attn_mask          # a plain tensor attribute, as in OpenAI's code
+
+    def forward(self, x):                   # (T, B, C)
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=self.attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class QuickGELU(tnn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Transformer(tnn.Module):
+    def __init__(self, width, layers, heads, attn_mask):
+        super().__init__()
+        self.resblocks = tnn.Sequential(*[ResidualAttentionBlock(width, heads, attn_mask) for _ in range(layers)])
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class TorchOpenAICLIPResNet(tnn.Module):
+    """OpenAI CLIP (model.py) with a ModifiedResNet image tower; encode_image without positional embedding."""
+
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, context_length, vocab_size,
+                 transformer_width, transformer_heads, transformer_layers):
+        super().__init__()
+        self.visual = ModifiedResNet(vision_layers, embed_dim, vision_width * 32 // 64, image_resolution, vision_width)
+        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_heads, mask)
+        self.token_embedding = tnn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = tnn.Parameter(0.01 * torch.randn(context_length, transformer_width))
+        self.ln_final = tnn.LayerNorm(transformer_width)
+        self.text_projection = tnn.Parameter(transformer_width ** -0.5 * torch.randn(transformer_width, embed_dim))
+        self.logit_scale = tnn.Parameter(torch.tensor(4.6052))
+
+    def encode_image(self, image):
+        return self.visual(image)
+
+    def encode_text(self, text):
+        x = self.token_embedding(text) + self.positional_embedding
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+    def forward(self, image, text):
+        return self.encode_image(image), self.encode_text(text)
