@@ -208,6 +208,32 @@ def _component_weights(folder: str):
     raise FileNotFoundError(f"no model weights in {folder}")
 
 
+def _weight_keys(path: str) -> List[str]:
+    """Tensor names of a weights file or index, reading only the safetensors header."""
+    if path.endswith(".index.json"):
+        with open(path) as f:
+            return list(json.load(f)["weight_map"])
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        return [k for k in header if k != "__metadata__"]
+    return list(read_torch_pickle(path))
+
+
+def folder_module_names(model_dir: str) -> Dict[str, List[str]]:
+    """component -> module names (weight keys without `.weight`) of a diffusers model folder."""
+    out = {}
+    for component in COMPONENTS:
+        folder = os.path.join(model_dir, component)
+        if os.path.isdir(folder):
+            path, _ = _component_weights(folder)
+            out[component] = [k[:-len(".weight")] for k in _weight_keys(path) if k.endswith(".weight")]
+    if not out:
+        raise FileNotFoundError(f"{model_dir} has no unet/ or text_encoder/ folder")
+    return out
+
+
 def _read_component(path: str):
     """(tensors, file dtype tag for writing back)."""
     if path.endswith(".index.json"):
