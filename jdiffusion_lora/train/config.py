@@ -1,0 +1,335 @@
+"""Training configuration: one flat dataclass, read from TOML, overridable on the command line.
+
+Every field can be set in a TOML file, at the top level or inside any table (tables only group
+keys for the reader: `[optim] learning_rate = 1e-4` and `learning_rate = 1e-4` mean the same),
+and on the command line as `--learning-rate 1e-4` (booleans: `--flag` / `--no-flag`; lists:
+comma-separated). Unknown keys are errors, so a typo never silently falls back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hints
+
+
+@dataclass
+class TrainConfig:
+    # ------------------------------------------------------------------ run
+    base_model: str = ""                  # diffusers folder; "" = the built-in tiny model
+    output_dir: str = "outputs/train"
+    seed: int = 123456
+    max_train_steps: int = 1000           # optimizer steps
+    prediction_type: str = ""             # "" = the base model's scheduler config; epsilon | v_prediction
+    resume: str = ""                      # "" | "latest" | path of a checkpoint folder
+
+    # ------------------------------------------------------------------ data
+    data_root: str = "styles"
+    styles: List[str] = field(default_factory=list)  # the pack; [] = every style found under data_root
+    trigger_template: str = "style_{style}"           # "" = no trigger token
+    resolution: int = 512
+    crop: str = "random"                  # random | center (after resizing the short side to `resolution`)
+    flip_p: float = 0.5                   # horizontal flip probability
+    flip_tag: str = "horizontal_flip"     # tag added to the caption of a flipped image ("" = none)
+    alpha_background: str = "white"       # RGBA images are composited on white | black
+    bad_image_policy: str = "skip"        # skip | error: unreadable, empty or corrupt image files
+    small_image_policy: str = "upscale"   # upscale | skip | error: images smaller than `resolution`
+
+    # ------------------------------------------------------------------ captions
+    use_style_tags: bool = True           # tag.json "style"
+    use_item_tags: bool = True            # tag.json "item"[stem]
+    use_file_stem: bool = True            # the file stem names the object (competition layout)
+    use_llm_hypernyms: bool = False       # llm_prompt.json "hypernyms" of the stem join the item tags
+    caption_extension: str = ".txt"       # plain-folder layout: caption file next to each image
+    shuffle_item_tags: bool = True        # the seed's shuffle of item tags + stem (+ flip tag)
+    shuffle_caption: bool = False         # kohya: shuffle every tag after the first `keep_tokens`
+    keep_tokens: int = 0
+    caption_prefix: str = ""
+    caption_suffix: str = ""
+    caption_dropout_rate: float = 0.0     # probability of training on the empty caption
+    caption_dropout_every_n_epochs: int = 0
+    caption_tag_dropout_rate: float = 0.0  # probability of dropping each shuffleable tag
+    token_warmup_min: int = 1
+    token_warmup_step: float = 0.0        # 0 = off; < 1 = fraction of max_train_steps
+    max_token_length: int = 77
+
+    # ------------------------------------------------------------------ prior preservation (DreamBooth)
+    with_prior_preservation: bool = False
+    class_data_dir: str = ""
+    class_prompt: str = ""
+    num_class_images: int = 0
+    prior_loss_weight: float = 1.0
+    class_sample_steps: int = 30
+    class_sample_seed: int = 0
+
+    # ------------------------------------------------------------------ caching
+    cache_latents: str = "memory"         # none | memory | disk
+    cache_dir: str = ""                   # disk cache folder; "" = <output_dir>/cache
+    vae_batch_size: int = 1
+    cache_text_embeddings: bool = True    # only when the text encoder is frozen
+
+    # ------------------------------------------------------------------ LoRA
+    rank: int = 4                         # per style; the pack's LoRA has rank len(styles) * rank
+    pack_rank: bool = True                # False: rank as given whatever the pack size
+    lora_alpha: float = 0.0               # 0 = alpha equals the total rank (scale 1)
+    lora_dropout: float = 0.0
+    lora_init: str = "gaussian"           # gaussian | kaiming | lora_ga
+    lora_ga_batches: int = 4              # batches whose mean gradient LoRA-GA decomposes
+    lora_ga_gamma: float = 16.0           # LoRA-GA stable scale: A, B *= out**0.25 / sqrt(gamma)
+    unet_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    text_encoder_targets: List[str] = field(default_factory=list)  # e.g. q_proj, k_proj, v_proj
+
+    # ------------------------------------------------------------------ objective
+    loss_type: str = "l2"                 # l2 | l1 | huber
+    huber_c: float = 0.1
+    min_snr_gamma: float = 0.0            # 0 = off
+    noise_offset: float = 0.0
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    perlin_noise_octaves: int = 0         # 0 = off
+    perlin_noise_persistence: float = 0.5
+    perlin_noise_perturbation: float = 0.1  # weight of the Perlin field added to the gaussian noise
+    input_perturbation: float = 0.0
+    timestep_min: int = 0
+    timestep_max: int = 0                 # 0 = num_train_timesteps
+    timestep_sampling: str = "uniform"    # uniform | logit_normal
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+
+    # ------------------------------------------------------------------ optimisation
+    optimizer: str = "AdamW"              # AdamW | Adam | SGD | RMSprop | Adan (Jittor's)
+    learning_rate: float = 1e-4
+    unet_lr: float = 0.0                  # 0 = learning_rate
+    text_encoder_lr: float = 0.0          # 0 = learning_rate
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-2
+    momentum: float = 0.0                 # SGD
+    adaptive_lr: bool = False             # one matrix of each pair gets lr * max(1, sqrt(n / r))
+    adaptive_lr_matrix: str = "up"        # up (B, the seed README) | down (A, the seed code)
+    loraplus_ratio: float = 0.0           # LoRA+: up matrices get lr * ratio (0 = off)
+    lr_scheduler: str = "constant"        # constant | constant_with_warmup | linear | cosine | cosine_with_restarts | polynomial
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0            # 0 = no clipping
+    gradient_checkpointing: bool = False
+    ema_decay: float = 0.0                # 0 = no EMA
+
+    # ------------------------------------------------------------------ checkpoints
+    save_every: int = 0                   # steps; 0 = only at the end
+    keep_last: int = 3
+    save_formats: List[str] = field(default_factory=lambda: ["diffusers"])  # diffusers | kohya
+    save_dtype: str = "fp32"              # fp32 | fp16 | bf16
+
+    # ------------------------------------------------------------------ observability
+    log_every: int = 1
+    tensorboard: bool = True
+    progress_bar: bool = True
+    sample_every: int = 0                 # steps; 0 = off
+    sample_prompts: List[str] = field(default_factory=list)
+    sample_prompts_file: str = ""         # one prompt a line
+    sample_seed: int = 114514
+    sample_steps: int = 20
+    sample_guidance: float = 7.5
+    validation_every: int = 0             # steps; 0 = off
+    validation_images: List[str] = field(default_factory=list)  # held out: "<style>/<file name>"
+    validation_seed: int = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    def with_updates(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+FIELD_TYPES: Dict[str, Any] = get_type_hints(TrainConfig)
+CHOICES: Dict[str, tuple] = {
+    "crop": ("random", "center"),
+    "alpha_background": ("white", "black"),
+    "bad_image_policy": ("skip", "error"),
+    "small_image_policy": ("upscale", "skip", "error"),
+    "cache_latents": ("none", "memory", "disk"),
+    "lora_init": ("gaussian", "kaiming", "lora_ga"),
+    "loss_type": ("l2", "l1", "huber"),
+    "timestep_sampling": ("uniform", "logit_normal"),
+    "optimizer": ("AdamW", "Adam", "SGD", "RMSprop", "Adan"),
+    "adaptive_lr_matrix": ("up", "down"),
+    "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
+    "save_dtype": ("fp32", "fp16", "bf16"),
+    "prediction_type": ("", "epsilon", "v_prediction"),
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _is_list(tp) -> bool:
+    return get_origin(tp) in (list, List)
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a TOML or command-line value to the type of field `name`."""
+    if name not in FIELD_TYPES:
+        raise ConfigError(f"unknown option {name!r}{_suggest(name)}")
+    tp = FIELD_TYPES[name]
+    if _is_list(tp):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        (inner,) = get_args(tp) or (str,)
+        return [inner(v) if not isinstance(v, inner) else v for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    try:
+        if tp is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _suggest(name: str) -> str:
+    import difflib
+    close = difflib.get_close_matches(name, FIELD_TYPES, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def flatten_toml(data: Dict[str, Any], path: str = "") -> Dict[str, Any]:
+    """Tables only group keys: merge them into one level; a key given twice is an error."""
+    flat: Dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            inner = flatten_toml(value, f"{path}{key}.")
+            for k, v in inner.items():
+                if k in flat:
+                    raise ConfigError(f"option {k!r} is set twice in the config file")
+                flat[k] = v
+        else:
+            if key in flat:
+                raise ConfigError(f"option {key!r} is set twice in the config file")
+            flat[key] = value
+    return flat
+
+
+def load_toml(path: str) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    return flatten_toml(data)
+
+
+def build_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+    """Defaults <- TOML file <- overrides (already parsed, e.g. from the command line). Validated.
+
+    Paths in the file are relative to the working directory, as on the command line.
+    """
+    values: Dict[str, Any] = dict(load_toml(path)) if path else {}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    config = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    validate(config)
+    return config
+
+
+def validate(c: TrainConfig) -> None:
+    for name, choices in CHOICES.items():
+        if getattr(c, name) not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(repr(x) for x in choices)}, got {getattr(c, name)!r}")
+    for fmt in c.save_formats:
+        if fmt not in ("diffusers", "kohya"):
+            raise ConfigError(f"save_formats entries must be 'diffusers' or 'kohya', got {fmt!r}")
+    if not c.save_formats:
+        raise ConfigError("save_formats must name at least one format (diffusers, kohya)")
+    positive = ("max_train_steps", "resolution", "rank", "train_batch_size", "gradient_accumulation_steps",
+                "vae_batch_size", "max_token_length", "log_every", "lr_num_cycles")
+    for name in positive:
+        if getattr(c, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(c, name)}")
+    for name in ("flip_p", "caption_dropout_rate", "caption_tag_dropout_rate", "lora_dropout", "ema_decay"):
+        if not 0.0 <= getattr(c, name) <= 1.0:
+            raise ConfigError(f"{name} must be in [0, 1], got {getattr(c, name)}")
+    if c.ema_decay >= 1.0:
+        raise ConfigError("ema_decay must be < 1")
+    if c.adaptive_lr and c.loraplus_ratio > 0:
+        raise ConfigError("choose adaptive_lr or loraplus_ratio, not both")
+    if c.lora_init == "lora_ga" and c.lora_dropout > 0:
+        raise ConfigError("lora_init='lora_ga' needs lora_dropout = 0 (its gradient is taken without dropout)")
+    if c.timestep_max and c.timestep_max <= c.timestep_min:
+        raise ConfigError(f"timestep_max ({c.timestep_max}) must be above timestep_min ({c.timestep_min})")
+    if c.with_prior_preservation and not c.class_prompt:
+        raise ConfigError("with_prior_preservation needs class_prompt")
+    if c.with_prior_preservation and not c.class_data_dir:
+        raise ConfigError("with_prior_preservation needs class_data_dir")
+    if not c.unet_targets and not c.text_encoder_targets:
+        raise ConfigError("nothing to train: unet_targets and text_encoder_targets are both empty")
+
+
+def to_toml(c: TrainConfig) -> str:
+    """The resolved config as TOML (what --print-config shows; loads back to the same config)."""
+    lines = []
+    for f in dataclasses.fields(c):
+        lines.append(f"{f.name} = {_toml_value(getattr(c, f.name))}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v) -> str:
+    import json
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def as_dict(c: TrainConfig) -> Dict[str, Any]:
+    return dataclasses.asdict(c)
+
+
+# ---------------------------------------------------------------------------- command line
+
+def add_arguments(parser) -> None:
+    """One `--option` per config field (default None: only options given override the file)."""
+    import argparse
+    group = parser.add_argument_group("config options (override the TOML file)")
+    for f in dataclasses.fields(TrainConfig):
+        tp = FIELD_TYPES[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        alias = "--" + f.name
+        names = [flag] if alias == flag else [flag, alias]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"(default: {default!r})"
+        if tp is bool:
+            group.add_argument(*names, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            meta = "A,B,..." if _is_list(tp) else f.name.upper()
+            group.add_argument(*names, dest=f"cfg_{f.name}", default=None, metavar=meta, help=help_text)
+
+
+def overrides_from_args(args) -> Dict[str, Any]:
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
