@@ -125,9 +125,13 @@ def _kaiming_uniform(rng, shape):
     return rng.uniform(-bound, bound, size=shape).astype(np.float32)
 
 
-def init_adapter_tensors(config: AdapterConfig, weight: np.ndarray, rng: np.random.Generator) -> Dict[str, np.ndarray]:
-    """Initial tensors (numpy float32) for a new adapter on a layer with base weight `weight`."""
-    shape = tuple(weight.shape)
+def init_adapter_tensors(config: AdapterConfig, weight_shape, rng: np.random.Generator,
+                         weight: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Initial tensors (numpy float32) for a new adapter on a layer whose weight has `weight_shape`.
+
+    The weight values themselves are only needed for DoRA (its magnitude starts at their norm).
+    """
+    shape = tuple(weight_shape)
     out, inp = shape[0], shape[1]
     kernel = tuple(shape[2:])
     r = config.rank
@@ -168,6 +172,8 @@ def init_adapter_tensors(config: AdapterConfig, weight: np.ndarray, rng: np.rand
         else:
             t["w2"] = zero_or_random((b, d) + kernel)
     if config.use_dora:
+        if weight is None:
+            raise ValueError("DoRA needs the base weight to initialise its magnitude")
         alpha = config.alpha if config.alpha is not None else r
         scale = scale_of(alpha, rank_of(config.kind, t))
         merged = weight.astype(np.float32) + delta_weight(config.kind, t, scale, shape)

@@ -99,21 +99,25 @@ def _pattern_value(patterns: Optional[Dict[str, float]], name: str):
     return None
 
 
-def _replace_module(model, name: str, new):
+def _replace_module(model, name: str, new, modules: Optional[Dict[str, "nn.Module"]] = None):
+    """Put `new` at `name`. `modules`: a `named_modules` dict, to avoid walking the model again."""
     parent_name, _, child = name.rpartition(".")
-    parent = named_modules(model)[parent_name] if parent_name else model
+    if not parent_name:
+        parent = model
+    else:
+        parent = (modules if modules is not None else named_modules(model))[parent_name]
     if isinstance(parent, nn.Sequential):
         parent.layers[child] = new
     else:
         setattr(parent, child, new)
 
 
-def _layer(model, name: str, module) -> LoraLayer:
+def _layer(model, name: str, module, modules: Optional[Dict[str, "nn.Module"]] = None) -> LoraLayer:
     """The LoraLayer at `name`, replacing the plain Linear/Conv2d there on first use."""
     if isinstance(module, LoraLayer):
         return module
     layer = LoraLayer(module)
-    _replace_module(model, name, layer)
+    _replace_module(model, name, layer, modules)
     return layer
 
 
@@ -160,15 +164,17 @@ def inject_adapter(model, adapter_name: str = "default", config: Optional[Adapte
             if not any(_matches(p, n) for n in found):
                 raise LoraError(f"{what} key {p!r} matches none of the targeted modules")
     rng = np.random.default_rng(config.seed)
+    live = named_modules(model)
     for name, module in found.items():
-        weight = module.weight.float32().numpy()
-        layer_config = config.for_layer(weight.shape, _pattern_value(rank_pattern, name),
+        shape = tuple(module.weight.shape)
+        layer_config = config.for_layer(shape, _pattern_value(rank_pattern, name),
                                         _pattern_value(alpha_pattern, name))
-        tensors = init_adapter_tensors(layer_config, weight, rng)
+        weight = module.weight.float32().numpy() if layer_config.use_dora else None
+        tensors = init_adapter_tensors(layer_config, shape, rng, weight)
         adapter = Adapter(layer_config.kind, {k: jt.array(v) for k, v in tensors.items()}, layer_config.alpha,
                           dropout=layer_config.dropout, input_dropout=layer_config.input_dropout,
                           rank_dropout=layer_config.rank_dropout, module_dropout=layer_config.module_dropout)
-        _layer(model, name, module).add_adapter(adapter_name, adapter)
+        _layer(model, name, module, live).add_adapter(adapter_name, adapter)
     return list(found)
 
 
@@ -260,7 +266,7 @@ def apply_adapter_plan(model, plan, adapter_name: str, multiplier: float = 1.0) 
     for name, entry, tensors in plan:
         adapter = Adapter(entry.kind, {k: jt.array(np.asarray(v, dtype=np.float32)) for k, v in tensors.items()},
                           entry.alpha)
-        _layer(model, name, live[name]).add_adapter(adapter_name, adapter, multiplier)
+        _layer(model, name, live[name], live).add_adapter(adapter_name, adapter, multiplier)
     return [p[0] for p in plan]
 
 
@@ -363,11 +369,12 @@ def unfuse(model) -> None:
 def delete_adapter(model, adapter_name: str) -> None:
     """Remove one adapter; layers left without adapters get their original layer back."""
     _check_names(model, [adapter_name])
+    live = named_modules(model)
     for name, layer in adapted_layers(model).items():
         if adapter_name in layer._adapters:
             layer.delete_adapter(adapter_name)
             if not layer._adapters:
-                _replace_module(model, name, layer.base_layer)
+                _replace_module(model, name, layer.base_layer, live)
 
 
 def unload(model) -> None:
@@ -376,5 +383,6 @@ def unload(model) -> None:
     Fused weights stay fused (as in diffusers: `fuse_lora()` then `unload_lora_weights()`
     bakes the LoRA in); unfused adapters simply disappear.
     """
+    live = named_modules(model)
     for name, layer in adapted_layers(model).items():
-        _replace_module(model, name, layer.base_layer)
+        _replace_module(model, name, layer.base_layer, live)
