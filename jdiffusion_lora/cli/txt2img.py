@@ -1,0 +1,60 @@
+"""`txt2img`: generate images for one prompt with a model folder (default: the built-in tiny model)."""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("txt2img", help="generate images from a prompt",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="diffusers-layout model folder (default: the built-in tiny model)")
+    p.add_argument("--prompt", default="a red circle on a blue background")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--scheduler", default=None,
+                   help="DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, ... (default: the model's)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file(s) to apply")
+    p.add_argument("--out", default="outputs/txt2img", help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..pipelines.stable_diffusion import StableDiffusionPipeline
+    from ..schedulers import SCHEDULERS
+    from ..tiny import tiny_model_path
+    from ..weights import atomic_write_bytes
+
+    model = args.model or tiny_model_path()
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    if args.scheduler:
+        if args.scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {sorted(SCHEDULERS)}")
+        pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+    for i, spec in enumerate(args.lora):
+        path, _, scale = spec.partition(":")
+        pipe.load_lora_weights(path, adapter_name=f"lora{i}")
+    if args.lora:
+        pipe.set_adapters([f"lora{i}" for i in range(len(args.lora))],
+                          [float(s.partition(":")[2] or 1.0) for s in args.lora])
+    start = time.time()
+    out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+               guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,
+               width=args.width, seed=args.seed)
+    os.makedirs(args.out, exist_ok=True)
+    import io
+    for image, seed in zip(out.images, out.seeds):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        atomic_write_bytes(os.path.join(args.out, f"seed{seed}.png"), [buf.getvalue()])
+    print(f"model: {model}")
+    print(f"wrote {len(out.images)} image(s) of {out.images[0].size[0]}x{out.images[0].size[1]} to {args.out}/ "
+          f"in {time.time() - start:.1f}s")
+    return 0

@@ -1,0 +1,250 @@
+"""Text-to-image Stable Diffusion (Rombach et al. 2022) with classifier-free guidance (Ho & Salimans 2022).
+
+Usage mirrors diffusers:
+
+    pipe = StableDiffusionPipeline.from_pretrained("path/to/stable-diffusion-2-1")
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    images = pipe("a red circle", num_inference_steps=30, seed=1234).images
+
+Reproducibility contract: every image owns a numpy `Generator` built from its own seed. From it
+we draw, in this order, the image's starting latent (drawn even when `latents` are given) and then
+(only for stochastic samplers) one noise tensor per step. Nothing else touches it, so an image is
+the same whether it is made alone or in a batch, and whatever its position in the batch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .._runtime import jt
+from ..models.autoencoder_kl import AutoencoderKL
+from ..models.clip import CLIPTextModel
+from ..models.clip_tokenizer import CLIPTokenizer
+from ..models.unet_2d_condition import UNet2DConditionModel
+from ..schedulers import SCHEDULERS, DDIMScheduler
+
+PromptArg = Union[str, Sequence[str]]
+
+
+@dataclass
+class StableDiffusionOutput:
+    images: Union[List[Image.Image], np.ndarray, "jt.Var"]  # PIL list, (B, H, W, 3) floats in [0, 1], or latents
+    seeds: List[Optional[int]]
+
+
+def numpy_to_pil(images: np.ndarray) -> List[Image.Image]:
+    """(B, H, W, 3) floats in [0, 1] -> PIL images (rounded like diffusers: x * 255, round)."""
+    return [Image.fromarray((img * 255).round().astype("uint8")) for img in images]
+
+
+def _as_list(prompt: PromptArg) -> List[str]:
+    return [prompt] if isinstance(prompt, str) else list(prompt)
+
+
+def _read_model_index(folder: str) -> dict:
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} is not a diffusers pipeline folder: it has no model_index.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+class StableDiffusionPipeline:
+    """Holds the five components and runs text -> latents -> image."""
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, scheduler, **ignored_components):
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.unet = unet
+        self.scheduler = scheduler
+        self.progress_bar_disabled = False
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, folder: str, dtype: Optional[str] = None, variant: Optional[str] = None,
+                        scheduler=None, **components):
+        """Load a diffusers-layout folder (`model_index.json` + one subfolder per component).
+
+        Components passed as keyword arguments (`unet=my_unet`) are used instead of loading them.
+        """
+        index = _read_model_index(folder)
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            if name not in index and name not in components and not (name == "scheduler" and scheduler):
+                raise FileNotFoundError(f"{folder}/model_index.json lists no '{name}' component")
+
+        def sub(name):
+            path = os.path.join(folder, name)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"component folder missing: {path}")
+            return path
+
+        loaded = dict(components)
+        if "unet" not in loaded:
+            loaded["unet"] = UNet2DConditionModel.from_pretrained(sub("unet"), dtype=dtype, variant=variant)
+        if "vae" not in loaded:
+            loaded["vae"] = AutoencoderKL.from_pretrained(sub("vae"), dtype=dtype, variant=variant)
+        if "text_encoder" not in loaded:
+            loaded["text_encoder"] = CLIPTextModel.from_pretrained(sub("text_encoder"), dtype=dtype, variant=variant)
+        if "tokenizer" not in loaded:
+            loaded["tokenizer"] = CLIPTokenizer.from_pretrained(sub("tokenizer"))
+        if scheduler is None:
+            class_name = index["scheduler"][1] if isinstance(index.get("scheduler"), list) else "DDIMScheduler"
+            scheduler_cls = SCHEDULERS.get(class_name)
+            if scheduler_cls is None:
+                warnings.warn(f"{class_name} is not implemented here; using DDIMScheduler with its config")
+                scheduler_cls = DDIMScheduler
+            scheduler = scheduler_cls.from_pretrained(sub("scheduler"))
+        return cls(scheduler=scheduler, **loaded)
+
+    def save_pretrained(self, folder: str, dtype: Optional[str] = None) -> None:
+        """Write a diffusers-layout folder that diffusers' `from_pretrained` can read."""
+        from ..weights import atomic_write_bytes
+
+        self.unet.save_pretrained(os.path.join(folder, "unet"), dtype=dtype)
+        self.vae.save_pretrained(os.path.join(folder, "vae"), dtype=dtype)
+        self.text_encoder.save_pretrained(os.path.join(folder, "text_encoder"), dtype=dtype)
+        self.tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+        self.scheduler.save_pretrained(os.path.join(folder, "scheduler"))
+        index = {
+            "_class_name": "StableDiffusionPipeline",
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", type(self.scheduler).__name__],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+            "requires_safety_checker": False,
+        }
+        atomic_write_bytes(os.path.join(folder, "model_index.json"), [json.dumps(index, indent=2).encode()])
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        self.progress_bar_disabled = disable
+
+    def encode_prompt(self, prompts: List[str], clip_skip: Optional[int] = None) -> "jt.Var":
+        """Prompts -> CLIP hidden states (B, 77, D). clip_skip=1 uses the penultimate layer (A1111 convention)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True)["input_ids"]
+        with jt.no_grad():
+            if clip_skip is None:
+                return self.text_encoder(jt.array(ids)).last_hidden_state
+            out = self.text_encoder(jt.array(ids), output_hidden_states=True)
+            hidden = out.hidden_states[-(clip_skip + 1)]
+            return self.text_encoder.text_model.final_layer_norm(hidden)
+
+    @staticmethod
+    def make_generators(batch: int, seed=None, generator=None) -> (List[np.random.Generator], List[Optional[int]]):
+        """One numpy Generator per image.
+
+        seed: int (image i gets seed + i) or a list of ints, one per image.
+        generator: a numpy Generator (shared, in batch order) or a list of them, one per image.
+        """
+        if generator is not None:
+            gens = list(generator) if isinstance(generator, (list, tuple)) else [generator] * batch
+            if len(gens) != batch:
+                raise ValueError(f"got {len(gens)} generators for {batch} images")
+            return gens, [None] * batch
+        if seed is None:
+            seed = int(np.random.SeedSequence().entropy % (2 ** 31))
+        seeds = [int(seed) + i for i in range(batch)] if np.isscalar(seed) else [int(s) for s in seed]
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for {batch} images")
+        return [np.random.default_rng(s) for s in seeds], seeds
+
+    @staticmethod
+    def draw(gens: List[np.random.Generator], shape) -> "jt.Var":
+        """Stack one standard-normal draw of `shape` (without batch) per generator -> (B, *shape)."""
+        return jt.array(np.stack([g.standard_normal(shape, dtype=np.float32) for g in gens]))
+
+    def decode_latents(self, latents) -> np.ndarray:
+        """Latents (B, 4, h, w) -> images (B, H, W, 3) in [0, 1]."""
+        with jt.no_grad():
+            image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        image = (image / 2 + 0.5).clamp(0, 1)
+        return image.float32().numpy().transpose(0, 2, 3, 1)
+
+    # ------------------------------------------------------------------ sampling
+
+    def __call__(self, prompt: PromptArg, negative_prompt: Optional[PromptArg] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_images_per_prompt: int = 1, seed=None, generator=None, latents=None, eta: float = 0.0,
+                 output_type: str = "pil", clip_skip: Optional[int] = None, callback=None) -> StableDiffusionOutput:
+        prompts = _as_list(prompt)
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        else:
+            negatives = _as_list(negative_prompt)
+            if len(negatives) == 1 and len(prompts) > 1:
+                negatives = negatives * len(prompts)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        if output_type not in ("pil", "np", "latent"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        # Images are ordered prompt by prompt: p0, p0, ..., p1, p1, ...
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
+        batch = len(prompts)
+        scale = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * scale
+        width = width or self.unet.config.sample_size * scale
+        if height % scale or width % scale:
+            raise ValueError(f"height and width must be multiples of {scale}, got {height}x{width}")
+        do_cfg = guidance_scale > 1.0
+
+        context = self.encode_prompt(prompts, clip_skip)                       # (B, 77, D)
+        if do_cfg:
+            context = jt.concat([self.encode_prompt(negatives, clip_skip), context], dim=0)  # (2B, 77, D)
+
+        gens, seeds = self.make_generators(batch, seed, generator)
+        shape = (self.unet.config.in_channels, height // scale, width // scale)
+        self.scheduler.set_timesteps(num_inference_steps)
+        start = self.draw(gens, shape)                                        # (B, 4, h, w), always drawn
+        if latents is None:
+            latents = start * self.scheduler.init_noise_sigma
+        else:
+            latents = jt.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, jt.Var) else latents
+            if tuple(latents.shape) != (batch, *shape):
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(batch, *shape)}")
+            latents = latents * self.scheduler.init_noise_sigma
+        # Samplers that add fresh noise at each step (DDPM, Euler ancestral, DDIM with eta > 0).
+        stochastic = getattr(self.scheduler, "stochastic", False) or eta > 0
+        step_kwargs = {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}
+        if eta > 0 and not step_kwargs:
+            raise ValueError(f"eta is only used by DDIMScheduler, not {type(self.scheduler).__name__}")
+
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, desc="sampling", disable=self.progress_bar_disabled)):
+            with jt.no_grad():
+                x = jt.concat([latents, latents], dim=0) if do_cfg else latents
+                x = self.scheduler.scale_model_input(x, t)
+                eps = self.unet(x, float(t), context).sample                       # (2B or B, 4, h, w)
+                if do_cfg:
+                    eps_uncond, eps_text = eps[:batch], eps[batch:]
+                    eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+                noise = self.draw(gens, shape) if stochastic else None
+                latents = self.scheduler.step(eps, t, latents, noise=noise, **step_kwargs).prev_sample
+                latents.sync()
+            if callback is not None:
+                callback(i, t, latents)
+
+        if output_type == "latent":
+            return StableDiffusionOutput(images=latents, seeds=seeds)
+        images = self.decode_latents(latents)
+        return StableDiffusionOutput(images=numpy_to_pil(images) if output_type == "pil" else images, seeds=seeds)

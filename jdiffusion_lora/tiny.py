@@ -1,0 +1,110 @@
+"""A tiny built-in Stable Diffusion model, so every command has a default that runs in seconds.
+
+`tiny_model_path()` returns a diffusers-layout folder with a small UNet, VAE and CLIP text
+encoder. The folder is built on first use into the user cache, deterministically from a seed,
+with a byte-level CLIP vocabulary (no merges) that needs no download. The weights are random:
+it exercises the machinery, it does not draw anything meaningful.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List
+
+from ._runtime import jt
+
+TINY_SEED = 0
+TINY_VERSION = "random-v1"
+
+UNET_CONFIG = {
+    "sample_size": 16, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+    "block_out_channels": [32, 64], "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "cross_attention_dim": 64,
+    "attention_head_dim": 8, "norm_num_groups": 8, "use_linear_projection": True,
+}
+VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
+    "block_out_channels": [32, 64, 64], "sample_size": 64,
+    "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
+}
+TEXT_CONFIG = {
+    "vocab_size": 514, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "bos_token_id": 512, "eos_token_id": 513, "pad_token_id": 513, "projection_dim": 64,
+}
+SCHEDULER_CONFIG = {
+    "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1,
+    "set_alpha_to_one": False, "clip_sample": False, "timestep_spacing": "leading",
+}
+
+
+def bytes_to_unicode() -> Dict[int, str]:
+    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def byte_level_vocab() -> List[str]:
+    """The 514-token vocabulary: 256 byte symbols, the same with `</w>`, then the two specials."""
+    symbols = list(bytes_to_unicode().values())
+    return symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
+
+
+def write_byte_level_tokenizer(folder: str) -> None:
+    os.makedirs(folder, exist_ok=True)
+    vocab = {tok: i for i, tok in enumerate(byte_level_vocab())}
+    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+        json.dump(vocab, f, ensure_ascii=False)
+    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+        f.write("#version: 0.2\n")
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                   "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "do_lower_case": True}, f)
+
+
+def build_tiny_pipeline(seed: int = TINY_SEED):
+    """Build the tiny pipeline in memory from fixed configs and a fixed seed."""
+    import tempfile
+
+    from .models.autoencoder_kl import AutoencoderKL
+    from .models.clip import CLIPTextModel
+    from .models.clip_tokenizer import CLIPTokenizer
+    from .models.unet_2d_condition import UNet2DConditionModel
+    from .pipelines.stable_diffusion import StableDiffusionPipeline
+    from .schedulers import DDIMScheduler
+
+    jt.set_global_seed(seed)
+    unet = UNet2DConditionModel.from_config(dict(UNET_CONFIG))
+    vae = AutoencoderKL.from_config(dict(VAE_CONFIG))
+    text_encoder = CLIPTextModel.from_config(dict(TEXT_CONFIG))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_byte_level_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    scheduler = DDIMScheduler.from_config(dict(SCHEDULER_CONFIG))
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler)
+
+
+def tiny_model_path() -> str:
+    """Folder of the built-in model, built on first call (cached under ~/.cache/jdiffusion_lora)."""
+    root = os.environ.get("JDIFFUSION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jdiffusion_lora"))
+    folder = os.path.join(root, f"tiny-sd-{TINY_VERSION}")
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        tmp = folder + f".partial-{os.getpid()}"
+        build_tiny_pipeline().save_pretrained(tmp)
+        os.makedirs(root, exist_ok=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process finished first
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
