@@ -1,0 +1,238 @@
+"""The training loop on the tiny random model (CPU): learning, resume, accumulation, clipping,
+learning-rate groups, packs, dry run, NaN handling, signals."""
+import io
+import json
+import os
+import signal
+from contextlib import redirect_stdout
+
+import numpy as np
+import pytest
+
+import jdiffusion_lora  # noqa: F401
+from jdiffusion_lora.train import adapters as ad
+from jdiffusion_lora.train.trainer import NonFiniteLoss, Trainer, augment
+from jdiffusion_lora.weights import load_weights
+
+from train_fixtures import DEMO_STYLES, SEED_STYLE_00, config, make_competition_style, tiny_pipeline
+
+# Attention LoRA plus conv_in / conv_out: enough capacity for a random UNet to fit in a few dozen steps.
+LEARN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out"]
+
+
+def adapter_arrays(trainer):
+    return ad.adapter_arrays(trainer.pairs)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_on_training_images_falls(tmp_path, prediction_type):
+    c = config(tmp_path, prediction_type=prediction_type, unet_targets=LEARN_TARGETS, learning_rate=2e-2,
+               max_train_steps=30, flip_p=0.0, max_grad_norm=0.0)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    t.setup()
+    before = t.fixed_loss(t.records, seed=1, repeats=4)
+    result = t.run()
+    after = t.fixed_loss(t.records, seed=1, repeats=4)
+    assert t.noise_scheduler.config.prediction_type == prediction_type
+    assert result.step == 30 and os.path.isfile(result.lora_files[0])
+    assert after < 0.7 * before, (before, after)
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """6 steps straight == 3 steps, stop, resume, 3 steps: adapter weights, optimizer state and EMA
+    bit-identical (dropout, flips, caption shuffles, text-encoder LoRA, cosine warmup all in play)."""
+    common = dict(max_train_steps=6, lora_dropout=0.2, text_encoder_targets=["q_proj", "v_proj"],
+                  lr_scheduler="cosine", lr_warmup_steps=2, ema_decay=0.9, train_batch_size=2,
+                  caption_tag_dropout_rate=0.3, styles=["00", "01"])
+    straight = Trainer(config(tmp_path / "a", **common), pipeline=tiny_pipeline(), printer=lambda s: None)
+    straight.run()
+
+    first = Trainer(config(tmp_path / "b", **common), pipeline=tiny_pipeline(), printer=lambda s: None)
+    half = first.run(until=3)
+    assert half.stopped == "until" and half.checkpoint.endswith("checkpoint-000003")
+    second = Trainer(config(tmp_path / "b", resume="latest", **common), pipeline=tiny_pipeline(),
+                     printer=lambda s: None)
+    second.run()
+    assert second.start_step == 3
+    a, b = adapter_arrays(straight), adapter_arrays(second)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    sa, sb = straight.optimizer.state_arrays(), second.optimizer.state_arrays()
+    for k in sa:
+        assert np.array_equal(sa[k], sb[k]), k
+    for ea, eb in zip(straight.ema, second.ema):
+        assert np.array_equal(ea.numpy(), eb.numpy())
+    # the metrics file describes one run: steps 1..6 once each
+    steps = [json.loads(line)["step"] for line in open(os.path.join(second.c.output_dir, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def _one_sgd_step(tmp_path, **kw):
+    c = config(tmp_path, optimizer="SGD", learning_rate=1.0, weight_decay=0.0, max_train_steps=1, flip_p=0.5,
+               **kw)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    t.setup()
+    before = adapter_arrays(t)
+    metrics = t.train_step(0)
+    after = adapter_arrays(t)
+    return {k: after[k] - before[k] for k in before}, metrics
+
+
+def test_accumulation_equals_one_big_batch(tmp_path):
+    """SGD with lr 1 makes the update equal to minus the gradient: 3 micro-batches of 1 == one batch of 3."""
+    big, _ = _one_sgd_step(tmp_path / "big", train_batch_size=3, max_grad_norm=0.0)
+    acc, _ = _one_sgd_step(tmp_path / "acc", train_batch_size=1, gradient_accumulation_steps=3, max_grad_norm=0.0)
+    one, _ = _one_sgd_step(tmp_path / "one", train_batch_size=1, max_grad_norm=0.0)
+    scale = max(np.abs(v).max() for v in big.values())
+    assert scale > 0
+    for k in big:
+        np.testing.assert_allclose(acc[k], big[k], atol=1e-5 * scale, rtol=1e-4)
+    assert max(np.abs(one[k] - big[k]).max() for k in big) > 1e-3 * scale   # a different batch differs
+
+
+def test_clipping_bounds_the_global_norm(tmp_path):
+    update, metrics = _one_sgd_step(tmp_path, max_grad_norm=1e-3)
+    norm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in update.values()))
+    assert metrics["grad_norm"] > 1e-2
+    assert norm == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_learning_rate_of_every_parameter(tmp_path):
+    """Adaptive LR (up and down), LoRA+ and separate UNet / text-encoder rates, group by group."""
+    c = config(tmp_path, rank=4, learning_rate=1e-4, unet_lr=2e-4, text_encoder_lr=5e-5, adaptive_lr=True,
+               text_encoder_targets=["q_proj"], unet_targets=["to_q", "to_k"])
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    t.setup()
+    lr_of = {name: g["lr"] for g in t.groups for name in g["param_names"]}
+    listing = []
+    for pair in t.pairs:
+        base = 2e-4 if pair.component == "unet" else 5e-5
+        up = base * max(1.0, np.sqrt(pair.out_features / pair.rank))
+        assert lr_of[pair.name + ".lora_A.weight"] == pytest.approx(base)
+        assert lr_of[pair.name + ".lora_B.weight"] == pytest.approx(up)
+        listing.append(f"{pair.name}: out {pair.out_features} in {pair.in_features} -> A {base:g}, B {up:.4g}")
+    print("\n".join(listing))
+    assert len(lr_of) == 2 * len(t.pairs) and {p.component for p in t.pairs} == {"unet", "text_encoder"}
+    # widths 32 and 64, rank 4: B gets 2.83x or 4x; the cross-attention to_k (out 32, in 64) too
+    assert sorted({round(g["lr"] / 2e-4, 3) for g in t.groups if g["name"].startswith("unet")}) == [1.0, 2.828, 4.0]
+
+    down = Trainer(config(tmp_path / "d", rank=4, adaptive_lr=True, adaptive_lr_matrix="down",
+                          unet_targets=["attn2.to_k"]), pipeline=tiny_pipeline(), printer=lambda s: None)
+    down.setup()
+    for g in down.groups:
+        for name in g["param_names"]:
+            pair = next(p for p in down.pairs if name.startswith(p.name + "."))
+            want = 1e-3 * (np.sqrt(pair.in_features / 4) if name.endswith("lora_A.weight") else 1.0)
+            assert g["lr"] == pytest.approx(want), name
+
+    plus = Trainer(config(tmp_path / "p", loraplus_ratio=16.0), pipeline=tiny_pipeline(), printer=lambda s: None)
+    plus.setup()
+    assert sorted(g["lr"] for g in plus.groups) == pytest.approx([1e-3, 16e-3])
+
+
+def test_pack_of_three_styles(tmp_path):
+    c = config(tmp_path, styles=[], rank=2, max_train_steps=2, flip_p=0.5)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    result = t.run()
+    assert [s.name for s in t.data.styles] == ["00", "01", "02"]
+    assert {p.rank for p in t.pairs} == {6}
+    saved = load_weights(result.lora_files[0])
+    downs = [v for k, v in saved.items() if k.endswith("lora_A.weight")]
+    assert downs and {v.shape[0] for v in downs} == {6}
+    seen = {}
+    for i in range(45):   # five passes over the 9 images
+        aug = augment(c, t.data, t.records, t.order, t.caption_options, i, 0)
+        trigger = f"style_{aug.record.style}"
+        assert aug.caption.split(",")[0] == trigger
+        assert all(f"style_{s}" not in aug.caption for s in ("00", "01", "02") if s != aug.record.style)
+        seen.setdefault(aug.record.style, set()).add(aug.record.stem)
+    assert {k: len(v) for k, v in seen.items()} == {"00": 3, "01": 3, "02": 3}
+
+
+def test_dry_run_prints_the_seed_captions(tmp_path):
+    from jdiffusion_lora.train.plan import dry_run
+    root = tmp_path / "B_dataset"
+    make_competition_style(str(root), "00", ["apple", "ball", "glasses"], SEED_STYLE_00, size=(64, 64))
+    c = config(tmp_path, data_root=str(root), styles=[], rank=4, max_train_steps=10, save_every=5)
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        dry_run(c)
+    text = buf.getvalue()
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("00/")]
+    assert len(lines) == 3
+    for line in lines:
+        head, caption = line.split(": ", 1)
+        stem = head.split("/")[1].split(".")[0]
+        flipped = "[flipped]" in head
+        prefix = "style_00,purple,lineart,dark_background,"
+        assert caption.startswith(prefix) and " " not in caption
+        body = caption[len(prefix):].split(",")
+        want = SEED_STYLE_00["item"][stem].replace(" ", "").split(",") + [stem] + (["horizontal_flip"] if flipped else [])
+        assert sorted(body) == sorted(want)
+    assert "checkpoints at steps 5, 10" in text and "LoRA on unet: 32 layers, rank 4" in text
+    assert "memory estimate" in text and not os.path.exists(c.output_dir)
+
+
+def test_nan_loss_stops_naming_the_module(tmp_path):
+    c = config(tmp_path, max_train_steps=3, save_every=1)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+
+    def poison(step, metrics):
+        if step == 1:
+            pair = t.pairs[5]
+            pair.up.update(pair.up * float("nan"))
+
+    with pytest.raises(NonFiniteLoss) as err:
+        t.run(callback=poison)
+    message = str(err.value)
+    assert message.startswith("step 2: loss is nan") and t.pairs[5].name in message
+    assert "checkpoint-000001" in message
+    state = json.load(open(os.path.join(c.output_dir, "checkpoints", "checkpoint-000001", "training_state",
+                                        "state.json")))
+    assert state["step"] == 1   # the last checkpoint is the good one; nothing of step 2 was written
+    assert sorted(os.listdir(os.path.join(c.output_dir, "checkpoints"))) == ["checkpoint-000001", "latest"]
+
+
+def test_signal_saves_a_resumable_checkpoint(tmp_path):
+    c = config(tmp_path, max_train_steps=10)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+
+    def interrupt(step, metrics):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = t.run(callback=interrupt)
+    assert (result.stopped, result.signal, result.step) == ("signal", signal.SIGTERM, 2)
+    assert result.checkpoint.endswith("checkpoint-000002")
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL   # handlers restored
+    resumed = Trainer(config(tmp_path, max_train_steps=10, resume="latest"), pipeline=tiny_pipeline(),
+                      printer=lambda s: None)
+    resumed.setup()
+    assert resumed.start_step == 2
+
+
+def test_samples_curve_validation_and_formats(tmp_path):
+    c = config(tmp_path, max_train_steps=2, sample_every=2, sample_steps=2, save_formats=["diffusers", "kohya"],
+               validation_images=["00/ball.png"], validation_every=1, tensorboard=True, cache_latents="disk")
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    result = t.run()
+    assert [os.path.basename(p) for p in result.lora_files] == ["pytorch_lora_weights.safetensors",
+                                                               "lora_kohya.safetensors"]
+    assert "ball" not in [r.stem for r in t.records]
+    from PIL import Image
+    grid = Image.open(result.samples[0])
+    assert grid.size[0] >= 32 and os.path.basename(result.samples[0]) == "step_000002.png"
+    assert Image.open(result.loss_curve).size == (800, 450)
+    records = [json.loads(line) for line in open(os.path.join(c.output_dir, "metrics.jsonl"))]
+    assert any("val/loss" in r for r in records) and all(np.isfinite(r.get("loss", 0)) for r in records)
+    kohya = load_weights(result.lora_files[1])
+    assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in kohya)
+    cache_files = [f for _, _, fs in os.walk(os.path.join(c.output_dir, "cache")) for f in fs]
+    assert len(cache_files) == 5   # 2 training images x (flipped, not flipped) + the validation image
+    # a rerun finds every latent on disk
+    again = Trainer(config(tmp_path / "again", cache_latents="disk", cache_dir=os.path.join(c.output_dir, "cache"),
+                           max_train_steps=1, validation_images=["00/ball.png"]),
+                    pipeline=tiny_pipeline(), printer=lambda s: None)
+    again.run()
+    assert again.latent_cache.misses == 0 and again.latent_cache.hits > 0
