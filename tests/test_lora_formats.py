@@ -279,3 +279,32 @@ def test_detect_format():
     save_safetensors({"w": np.ones(2, np.float32)}, "/tmp/_jdl_not_lora.safetensors")
     with pytest.raises(LoraError, match="not a LoRA file"):
         load_lora_state("/tmp/_jdl_not_lora.safetensors")
+
+
+def test_standard_names_cover_sd15_sd21_sdxl():
+    """Every Linear/Conv2d of the real SD 1.5 / 2.1 / XL UNets and CLIP text encoders (built on
+    torch's meta device: no memory, no weights) is in the table used when no model is at hand."""
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from jdiffusion_lora.lora.formats import standard_module_names
+    sd15 = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8)
+    sd21 = dict(sd15, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
+    sdxl = dict(block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    unet_names = set(standard_module_names("unet"))
+    for cfg in (sd15, sd21, sdxl):
+        with torch.device("meta"):
+            m = TorchUNet(**cfg)
+        names = [n for n, mod in m.named_modules() if isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d))]
+        assert names and [n for n in names if n not in unet_names] == []
+    text_names = set(standard_module_names("text_encoder"))
+    for hidden, layers in ((768, 12), (1024, 23), (1280, 32)):
+        with torch.device("meta"):
+            m = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=hidden, num_hidden_layers=layers,
+                                                           intermediate_size=4 * hidden, num_attention_heads=16))
+        names = [n for n, mod in m.named_modules() if isinstance(mod, torch.nn.Linear)]
+        assert [n for n in names if n not in text_names and "text_model." + n not in text_names] == []
