@@ -12,6 +12,7 @@ import os
 from typing import Dict, List
 
 from ._runtime import jt
+from .models.clip_tokenizer import bytes_to_unicode
 
 TINY_SEED = 0
 TINY_VERSION = "random-v1"
@@ -39,21 +40,11 @@ SCHEDULER_CONFIG = {
 }
 
 
-def bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2/CLIP's reversible map from the 256 byte values to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, n = list(printable), 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
-
-
 def byte_level_vocab() -> List[str]:
-    """The 514-token vocabulary: 256 byte symbols, the same with `</w>`, then the two specials."""
-    symbols = list(bytes_to_unicode().values())
+    """The 514-token vocabulary in CLIP's order: 256 byte symbols, the same with `</w>`, then the two specials.
+
+    CLIP lists the byte symbols printable-first, which is ascending order of the symbol's code point."""
+    symbols = sorted(bytes_to_unicode().values())
     return symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
 
 
