@@ -273,6 +273,9 @@ def test_loha_lokr_match_closed_form(form, conv):
     layer = jt.nn.Conv2d(8, 12, 3, padding=1) if conv else jt.nn.Linear(8, 12)
     holder = jt.nn.Sequential(layer)
     load_adapter_weights(holder, {"0": entry}, "a")
+    exported = get_adapter_weights(holder, "a")["0"]      # what a save would write: unchanged
+    assert exported.kind == kind and exported.alpha == alpha
+    assert all(np.array_equal(exported.tensors[k], v) for k, v in tensors.items())
     x = rng.standard_normal((2, 8, 5, 5) if conv else (4, 8)).astype(np.float32)
     ours = _layer_delta(holder, jt.array(x))
     scale = entry.scale
