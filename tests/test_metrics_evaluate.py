@@ -83,7 +83,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scorer(weights_dir):
     from jdiffusion_lora.metrics.evaluate import Scorer
-    return Scorer(str(weights_dir), batch_size=4)
+    return Scorer(str(weights_dir), batch_size=4, clip_r_scope="style")
 
 
 def test_all_metrics_computed(scorer, dataset):
@@ -96,7 +96,7 @@ def test_all_metrics_computed(scorer, dataset):
         assert s["n_generated"] == 3 and s["n_references"] == 2
         assert -1 <= s["dino"] <= 1 and -1 <= s["hist"] <= 1 and s["lpips"] >= 0 and s["fid"] >= 0
         assert 0 <= s["clip_iqa"] <= 1
-        assert s["clip_r"] == 1.0            # 3 candidate prompts: always in the top 5
+        assert s["clip_r"] == 1.0            # 3 candidate prompts of its style: always in the top 5
         assert s["total"] == pytest.approx(total_from(s))
     for m in METRICS:
         assert scores["overall"][m] == pytest.approx(np.mean([s[m] for s in scores["styles"].values()]))
@@ -134,6 +134,33 @@ def test_dino_score_matches_transformers_pipeline(scorer, weights_dir, dataset):
     expected = torch.nn.functional.cosine_similarity(g[:, None], r[None], dim=-1).mean().item()
     got = scorer.score_style([str(p) for p in gen], [str(p) for p in ref])["dino"]
     assert got == pytest.approx(expected, abs=1e-5)
+
+
+def test_clip_r_over_all_prompts_matches_transformers(weights_dir, dataset):
+    """clip_r with every style's prompts competing (6 here): transformers' processor, tokenizer and CLIPModel."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from jdiffusion_lora.metrics.evaluate import Scorer
+
+    folder = weights_dir / "clip-vit-large-patch14"
+    model = transformers.CLIPModel.from_pretrained(folder).eval()
+    tok = transformers.CLIPTokenizer.from_pretrained(folder)
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    prompts = [p.lower() for ps in PROMPTS.values() for p in ps]
+    with torch.no_grad():
+        t = model.get_text_features(**tok(prompts, padding=True, return_tensors="pt"))
+        t = getattr(t, "pooler_output", t)
+        expected = {}
+        for style, ps in PROMPTS.items():
+            images = [Image.open(dataset / "gen" / style / f"{p}.png").convert("RGB") for p in ps]
+            v = model.get_image_features(**proc(images, return_tensors="pt"))
+            v = getattr(v, "pooler_output", v)
+            sims = torch.nn.functional.cosine_similarity(v[:, None], t[None], dim=-1)
+            top5 = sims.argsort(dim=1, descending=True)[:, :5]
+            expected[style] = np.mean([prompts.index(p.lower()) in top5[i].tolist() for i, p in enumerate(ps)])
+    scores = Scorer(str(weights_dir), metrics=["clip_r"]).evaluate(dataset / "gen", dataset / "refs")
+    assert scores["clip_r_scope"] == "all"
+    for style in PROMPTS:
+        assert scores["styles"][style]["clip_r"] == pytest.approx(expected[style])
 
 
 def test_lpips_pairs_match_network(scorer, dataset, rng):

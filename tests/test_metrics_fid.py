@@ -13,7 +13,7 @@ def scipy_frechet(mu1, s1, mu2, s2):
 
 
 def test_fid_of_a_set_with_itself_is_zero(rng):
-    for n, d in [(50, 64), (25, 64), (3, 64), (300, 2048)]:
+    for n, d in [(50, 64), (25, 64), (3, 64), (200, 768)]:
         x = rng.normal(size=(n, d)) * rng.uniform(0.1, 3, d) + rng.normal(size=d)
         assert abs(fid_from_features(x, x)) < 1e-6, (n, d)
 

@@ -24,10 +24,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default=None, help="where scores.json and the charts go (default: <generated>_scores)")
     p.add_argument("--metrics", default="dino,hist,fid,lpips,clip_iqa,clip_r", help="comma-separated subset")
     p.add_argument("--styles", default=None, help="comma-separated style ids (default: all)")
+    p.add_argument("--style", default=None,
+                   help="style id of a --generated folder that holds one style's images directly")
     p.add_argument("--fid-dims", type=int, default=64, choices=[64, 192, 768, 2048],
                    help="InceptionV3 feature size (the competition uses 64)")
     p.add_argument("--clip-iqa-backbone", default="rn50", choices=["rn50", "clip"],
                    help="rn50: OpenAI CLIP RN50 (CLIP-IQA's own); clip: the CLIP folder used for clip_r")
+    p.add_argument("--clip-r-scope", default="all", choices=["all", "style"],
+                   help="all: an image's prompt competes with every style's prompts; style: only its own style's")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-charts", action="store_true", help="skip the PNG charts")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), default=None,
@@ -60,8 +64,8 @@ def run(args) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     scores = evaluate_folder(args.generated, args.references, weights=args.weights, metrics=metrics,
-                             styles=styles, fid_dims=args.fid_dims, batch_size=args.batch_size,
-                             clip_iqa_backbone=args.clip_iqa_backbone, log=log)
+                             styles=styles, style=args.style, fid_dims=args.fid_dims, batch_size=args.batch_size,
+                             clip_iqa_backbone=args.clip_iqa_backbone, clip_r_scope=args.clip_r_scope, log=log)
     print(format_table(scores))
     write_scores_json(scores, os.path.join(out, "scores.json"))
     print(f"\nwrote {os.path.join(out, 'scores.json')}")

@@ -10,8 +10,9 @@ the overall sub-scores, as the seed README prints it):
     dino      mean cosine similarity of DINOv2 pooled features, every generated x reference pair;
     lpips     mean LPIPS (SqueezeNet, 256 x 256, inputs in [-1, 1]) over the same pairs;
     fid       FID between the style's generated and reference InceptionV3 features (64-dim);
-    clip_r    share of images whose own prompt (lower-cased stem) is in the CLIP top 5 of the
-              style's prompts (its prompt.json values and the generated stems);
+    clip_r    share of images whose own prompt (lower-cased stem) is in the CLIP top 5 of all
+              prompts (every style's prompt.json values and generated stems; or only its own
+              style's with clip_r_scope="style");
     clip_iqa  mean CLIP-IQA probability of "Good photo." over "Bad photo.".
 
 Weights live in one folder (`--weights DIR`, or the environment variable
@@ -177,16 +178,22 @@ class Scorer:
     """Holds the scoring networks (loaded on first use) so a trainer can score repeatedly.
 
     metrics: which sub-scores to compute; fid_dims: 64 (competition) or 192/768/2048;
-    clip_iqa_backbone: "rn50" (CLIP-IQA's own, default) or "clip" (the CLIP folder, torchmetrics' variant).
+    clip_iqa_backbone: "rn50" (CLIP-IQA's own, default) or "clip" (the CLIP folder, torchmetrics' variant);
+    clip_r_scope: "all" (an image's prompt competes with the prompts of every scored style, default)
+    or "style" (only with its own style's prompts).
     """
 
     def __init__(self, weights: Optional[str] = None, metrics: Sequence[str] = ALL_METRICS, fid_dims: int = 64,
-                 batch_size: int = 8, clip_iqa_backbone: str = "rn50", log: Optional[Callable[[str], None]] = None):
+                 batch_size: int = 8, clip_iqa_backbone: str = "rn50", clip_r_scope: str = "all",
+                 log: Optional[Callable[[str], None]] = None):
         unknown = [m for m in metrics if m not in ALL_METRICS]
         if unknown:
             raise ValueError(f"unknown metric(s) {unknown}; choose from {list(ALL_METRICS)}")
         if clip_iqa_backbone not in ("rn50", "clip"):
             raise ValueError(f"clip_iqa_backbone must be 'rn50' or 'clip', got {clip_iqa_backbone!r}")
+        if clip_r_scope not in ("all", "style"):
+            raise ValueError(f"clip_r_scope must be 'all' or 'style', got {clip_r_scope!r}")
+        self.clip_r_scope = clip_r_scope
         self.weights = weights if weights is not None else os.environ.get(WEIGHTS_ENV)
         self.metrics = tuple(metrics)
         self.fid_dims = fid_dims
@@ -286,14 +293,17 @@ class Scorer:
         return self._run(lambda x: model.get_image_features(x).numpy(), [clip_pixels(im, size) for im in images])
 
     def clip_text_features(self, texts: Sequence[str]) -> np.ndarray:
+        """Projected CLIP text features (B, P); cached per text, since every style reuses the prompt list."""
         from .._runtime import jt
         model, tokenizer = self._net("clip")
-        outs = []
+        cache = self._nets.setdefault("clip_text_cache", {})
+        todo = list(dict.fromkeys(t for t in texts if t not in cache))
         with jt.no_grad():
-            for batch in _batches(list(texts), 64):
+            for batch in _batches(todo, 64):
                 enc = tokenizer(list(batch), padding="max_length", truncation=True)
-                outs.append(model.get_text_features(enc.input_ids, attention_mask=enc.attention_mask).numpy())
-        return np.concatenate(outs, axis=0)
+                feats = model.get_text_features(enc.input_ids, attention_mask=enc.attention_mask).numpy()
+                cache.update(zip(batch, feats))
+        return np.stack([cache[t] for t in texts])
 
     def clip_iqa_scores(self, images: Sequence) -> np.ndarray:
         from .clip_iqa import PROMPTS, iqa_probability
@@ -345,40 +355,57 @@ class Scorer:
         out["total"] = total_from(out)
         return out
 
-    def evaluate(self, generated: str, references: str, styles: Optional[Sequence[str]] = None) -> Dict[str, object]:
-        """Score every style folder of `generated` against `references` (see module docstring)."""
+    def evaluate(self, generated: str, references: str, styles: Optional[Sequence[str]] = None,
+                 style: Optional[str] = None) -> Dict[str, object]:
+        """Score every style folder of `generated` against `references` (see module docstring).
+
+        A `generated` folder holding images directly (a trainer's samples of one style) is
+        scored as the style named by `style`.
+        """
         generated, references = os.fspath(generated), os.fspath(references)
         if not os.path.isdir(references):
             raise FileNotFoundError(f"references folder not found: {references}")
-        all_styles = find_styles(generated)
-        if styles:
-            absent = [s for s in styles if s not in all_styles]
-            if absent:
-                raise ValueError(f"style(s) {absent} have no images under {generated}")
-            all_styles = list(styles)
-        if not all_styles:
+        if list_images(generated):
+            if not style:
+                raise ValueError(f"{generated} holds images directly: pass style=<NN> to name their style")
+            folders = {style: generated}
+        else:
+            found = find_styles(generated)
+            if styles:
+                absent = [s for s in styles if s not in found]
+                if absent:
+                    raise ValueError(f"style(s) {absent} have no images under {generated}")
+                found = list(styles)
+            folders = {s: os.path.join(generated, s) for s in found}
+        if not folders:
             raise ValueError(f"no style folders with images under {generated} (expected {generated}/<NN>/<prompt>.png)")
+        images = {s: list_images(folder) for s, folder in folders.items()}
+        candidates = {s: style_prompts(references, s, images[s]) for s in folders}
+        if self.clip_r_scope == "all":   # every prompt of every style competes
+            others = [style_prompts(references, d, []) for d in sorted(os.listdir(references))
+                      if d not in folders and os.path.isfile(os.path.join(references, d, "prompt.json"))]
+            pooled = list(dict.fromkeys(p for group in [*candidates.values(), *others] for p in group))
+            candidates = {s: pooled for s in folders}
         per_style, skipped = {}, {}
-        for style in all_styles:
-            gen = list_images(os.path.join(generated, style))
-            ref = reference_images(references, style)
+        for s in folders:
+            ref = reference_images(references, s)
             if not ref:
-                skipped[style] = f"no reference images under {os.path.join(references, style)}"
-                self.log(f"style {style}: skipped ({skipped[style]})")
+                skipped[s] = f"no reference images under {os.path.join(references, s)}"
+                self.log(f"style {s}: skipped ({skipped[s]})")
                 continue
             start = time.time()
-            per_style[style] = self.score_style(gen, ref, style_prompts(references, style, gen))
-            self.log(f"style {style}: {len(gen)} generated, {len(ref)} references, {time.time() - start:.1f}s")
+            per_style[s] = self.score_style(images[s], ref, candidates[s])
+            self.log(f"style {s}: {len(images[s])} generated, {len(ref)} references, {time.time() - start:.1f}s")
         overall: Dict[str, Optional[float]] = {}
         for m in METRICS:
-            values = [s[m] for s in per_style.values() if isinstance(s.get(m), float) and np.isfinite(s[m])]
+            values = [v[m] for v in per_style.values() if isinstance(v.get(m), float) and np.isfinite(v[m])]
             if m in self.computable and values:
                 overall[m] = float(np.mean(values))
         overall["total"] = total_from(overall)
         return {
             "generated": os.path.abspath(generated), "references": os.path.abspath(references),
             "weights": os.path.abspath(self.weights) if self.weights else None,
-            "fid_dims": self.fid_dims, "clip_iqa_backbone": self.clip_iqa_backbone,
+            "fid_dims": self.fid_dims, "clip_iqa_backbone": self.clip_iqa_backbone, "clip_r_scope": self.clip_r_scope,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "overall": overall, "styles": per_style,
             "not_computed": dict(self.not_computed), "skipped_styles": skipped,
@@ -387,14 +414,16 @@ class Scorer:
 
 def evaluate_folder(generated: str, references: str, weights: Optional[str] = None,
                     metrics: Sequence[str] = ALL_METRICS, styles: Optional[Sequence[str]] = None,
-                    fid_dims: int = 64, batch_size: int = 8, clip_iqa_backbone: str = "rn50",
-                    scorer: Optional[Scorer] = None, log: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
+                    style: Optional[str] = None, fid_dims: int = 64, batch_size: int = 8,
+                    clip_iqa_backbone: str = "rn50", clip_r_scope: str = "all", scorer: Optional[Scorer] = None,
+                    log: Optional[Callable[[str], None]] = None) -> Dict[str, object]:
     """Score `<generated>/<NN>/<prompt>.png` against `<references>/<NN>/images/*.png`.
 
     Returns the scores dict (also what `scores.json` holds): "overall" (sub-scores and total of
     what could be computed), "styles" ({NN: sub-scores}), "not_computed" ({metric: reason}).
+    A folder of one style's images (`<samples>/<prompt>.png`) is scored with `style="NN"`.
     Pass a `Scorer` to keep the networks loaded between calls (e.g. from a training loop).
     """
     scorer = scorer or Scorer(weights, metrics=metrics, fid_dims=fid_dims, batch_size=batch_size,
-                              clip_iqa_backbone=clip_iqa_backbone, log=log)
-    return scorer.evaluate(generated, references, styles=styles)
+                              clip_iqa_backbone=clip_iqa_backbone, clip_r_scope=clip_r_scope, log=log)
+    return scorer.evaluate(generated, references, styles=styles, style=style)
