@@ -195,6 +195,11 @@ def test_missing_weights_reported_not_computed(dataset, tmp_path):
     assert isinstance(data["overall"]["hist"], float)
     table = format_table(scores)
     assert "not computed (weights not found at" in table and "overall" in table
+    # a trainer's sample folder of one style: <samples>/<prompt>.png
+    one = evaluate_folder(dataset / "gen" / "01", dataset / "refs", weights=str(empty), style="01")
+    assert list(one["styles"]) == ["01"] and one["styles"]["01"]["hist"] == scores["styles"]["01"]["hist"]
+    with pytest.raises(ValueError, match="style="):
+        evaluate_folder(dataset / "gen" / "01", dataset / "refs", weights=str(empty))
 
 
 def test_cli_writes_scores_charts_and_compares(weights_dir, dataset, tmp_path, capsys):

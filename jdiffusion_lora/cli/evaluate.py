@@ -19,9 +19,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--generated", help="submission folder: <generated>/<NN>/<prompt>.png")
     p.add_argument("--references", help="dataset root: <references>/<NN>/images/*.png")
     p.add_argument("--weights", default=None,
-                   help="folder with the scoring networks (default: $JDIFFUSION_SCORER_WEIGHTS); "
+                   help="folder with the scoring networks (when not given: $JDIFFUSION_SCORER_WEIGHTS); "
                         "see jdiffusion_lora/metrics/evaluate.py for the layout")
-    p.add_argument("--out", default=None, help="where scores.json and the charts go (default: <generated>_scores)")
+    p.add_argument("--out", default=None, help="where scores.json and the charts go (when not given: <generated>_scores)")
     p.add_argument("--metrics", default="dino,hist,fid,lpips,clip_iqa,clip_r", help="comma-separated subset")
     p.add_argument("--styles", default=None, help="comma-separated style ids (default: all)")
     p.add_argument("--style", default=None,
