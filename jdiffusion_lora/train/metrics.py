@@ -137,6 +137,9 @@ def image_grid(images: Sequence[Image.Image], labels: Sequence[str], columns: in
                title: str = "") -> Image.Image:
     """Images in a grid, each with its label (wrapped) underneath; an optional title on top."""
     font = ImageFont.load_default()
+    if images[0].size[0] < 128:   # tiny images (the built-in model) are enlarged to be seen
+        k = -(-128 // images[0].size[0])
+        images = [im.resize((im.size[0] * k, im.size[1] * k), Image.NEAREST) for im in images]
     cw, ch = images[0].size
     cw = max(cw, 96)
     label_h = 28

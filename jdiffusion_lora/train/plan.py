@@ -43,6 +43,8 @@ def _count(model) -> int:
 
 
 def _mb(n_bytes: float) -> str:
+    if n_bytes < 2 ** 20:
+        return f"{n_bytes / 2 ** 10:,.0f} KiB"
     return f"{n_bytes / 2 ** 20:,.0f} MiB" if n_bytes < 2 ** 30 else f"{n_bytes / 2 ** 30:,.2f} GiB"
 
 

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Train one style LoRA. With no arguments: demo style 00 on the built-in tiny model (configs/demo.toml).
+#   bash train.sh                                  # the demo
+#   bash train.sh --styles 01 --max-train-steps 50 # any option overrides the config
+#   bash train.sh --config my.toml --dry-run       # print captions, plan, parameter counts, memory
+#   bash train.sh --resume latest                  # continue an interrupted run
+set -euo pipefail
+cd "$(dirname "$0")"
+config=configs/demo.toml
+args=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --config) config="$2"; shift 2 ;;
+        --config=*) config="${1#--config=}"; shift ;;
+        *) args+=("$1"); shift ;;
+    esac
+done
+[ -d styles/00 ] || python tools/make_demo_styles.py
+exec python -m jdiffusion_lora.cli train --config "$config" ${args[@]+"${args[@]}"}
