@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._runtime import jt
+from ..lora import LoraLoaderMixin
 from ..models.autoencoder_kl import AutoencoderKL
 from ..models.clip import CLIPTextModel
 from ..models.clip_tokenizer import CLIPTokenizer
@@ -58,8 +59,11 @@ def _read_model_index(folder: str) -> dict:
         return json.load(f)
 
 
-class StableDiffusionPipeline:
-    """Holds the five components and runs text -> latents -> image."""
+class StableDiffusionPipeline(LoraLoaderMixin):
+    """Holds the five components and runs text -> latents -> image.
+
+    LoRA methods (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...) come from `LoraLoaderMixin`.
+    """
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel, scheduler, **ignored_components):
