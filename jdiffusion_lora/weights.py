@@ -188,19 +188,20 @@ class _TorchUnpickler(pickle.Unpickler):
         return bf16_bits_to_float32(arr) if bf16 else arr
 
 
-def read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            magic = f.read(2)
-        if magic == b"\x80\x02":
-            raise WeightsError(f"{path}: legacy (pre-1.6) torch format; re-save it as .safetensors")
-        raise WeightsError(f"{path}: not a torch zip checkpoint or it is truncated")
+TorchUnpickler = _TorchUnpickler  # public name for readers of other torch zip archives (TorchScript)
+
+
+def unpickle_torch_zip(path: str, unpickler_class=_TorchUnpickler, what: str = "torch checkpoint"):
+    """Unpickle `data.pkl` of a torch zip archive, tensors rebuilt from its `data/` entries as numpy.
+
+    `unpickler_class` (a `TorchUnpickler` subclass) decides which globals are allowed.
+    Damaged archives raise WeightsError naming the file.
+    """
     try:
         zf = zipfile.ZipFile(path)
-        names = zf.namelist()
-        pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
+        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
         if not pkl:
-            raise WeightsError(f"{path}: zip file has no data.pkl, not a torch checkpoint")
+            raise WeightsError(f"{path}: zip file has no data.pkl, not a {what}")
         prefix = pkl[0][: -len("data.pkl")]
 
         def read_storage(key, type_name, numel):
@@ -211,9 +212,19 @@ def read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
             return np.frombuffer(raw, dtype=np.dtype(dt).newbyteorder("<")).astype(dt), False
 
         with zf.open(pkl[0]) as fh:
-            obj = _TorchUnpickler(fh, read_storage).load()
+            return unpickler_class(fh, read_storage).load()
     except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError, struct.error) as e:
-        raise WeightsError(f"{path}: corrupt or truncated torch checkpoint ({type(e).__name__}: {e})") from None
+        raise WeightsError(f"{path}: corrupt or truncated {what} ({type(e).__name__}: {e})") from None
+
+
+def read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            magic = f.read(2)
+        if magic == b"\x80\x02":
+            raise WeightsError(f"{path}: legacy (pre-1.6) torch format; re-save it as .safetensors")
+        raise WeightsError(f"{path}: not a torch zip checkpoint or it is truncated")
+    obj = unpickle_torch_zip(path)
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

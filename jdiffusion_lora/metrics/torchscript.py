@@ -10,14 +10,12 @@ attributes that are not parameters (callers drop what they do not know).
 """
 from __future__ import annotations
 
-import pickle
-import struct
 import zipfile
 from typing import Dict
 
 import numpy as np
 
-from ..weights import WeightsError, _TORCH_STORAGE_DTYPES, _TorchUnpickler
+from ..weights import TorchUnpickler, WeightsError, unpickle_torch_zip
 
 
 class _ScriptObject:
@@ -30,7 +28,7 @@ class _ScriptObject:
         self.attrs = state if isinstance(state, dict) else {}
 
 
-class _ScriptUnpickler(_TorchUnpickler):
+class _ScriptUnpickler(TorchUnpickler):
     def find_class(self, module, name):
         if module == "__torch__" or module.startswith("__torch__."):
             return _ScriptObject
@@ -65,24 +63,7 @@ def _flatten(obj, prefix: str, out: Dict[str, np.ndarray], seen: set) -> None:
 
 def read_torchscript_tensors(path: str) -> Dict[str, np.ndarray]:
     """All tensors of a TorchScript archive's module tree, by dotted attribute path."""
-    try:
-        zf = zipfile.ZipFile(path)
-        pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-        if not pkl:
-            raise WeightsError(f"{path}: not a TorchScript archive (no data.pkl)")
-        prefix = pkl[0][: -len("data.pkl")]
-
-        def read_storage(key, type_name, numel):
-            raw = zf.read(f"{prefix}data/{key}")
-            dt = _TORCH_STORAGE_DTYPES[type_name]
-            if dt == "bf16":
-                return np.frombuffer(raw, dtype="<u2"), True
-            return np.frombuffer(raw, dtype=np.dtype(dt).newbyteorder("<")).astype(dt), False
-
-        with zf.open(pkl[0]) as fh:
-            root = _ScriptUnpickler(fh, read_storage).load()
-    except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError, struct.error) as e:
-        raise WeightsError(f"{path}: corrupt TorchScript archive ({type(e).__name__}: {e})") from None
+    root = unpickle_torch_zip(path, _ScriptUnpickler, what="TorchScript archive")
     if not isinstance(root, _ScriptObject):
         raise WeightsError(f"{path}: TorchScript archive does not hold a module")
     out: Dict[str, np.ndarray] = {}
