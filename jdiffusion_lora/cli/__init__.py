@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 # Each module has add_parser(subparsers), which registers its command and sets `func`.
-COMMANDS = ["txt2img", "train", "lora", "evaluate"]
+COMMANDS = ["txt2img", "train", "lora", "evaluate", "generate", "package"]
 
 
 def build_parser() -> argparse.ArgumentParser:

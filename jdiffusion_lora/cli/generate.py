@@ -1,0 +1,105 @@
+"""`generate`: make the images of a submission (every style's prompt.json) with a model and LoRA(s).
+
+    python -m jdiffusion_lora.cli generate --data styles --lora my_lora.safetensors --out outputs/sub
+    python -m jdiffusion_lora.cli generate ... --workers 2          # sharded (also: python run_parallel.py)
+
+Resumable: images already made with the same settings are skipped (checked against their records);
+`--overwrite` redoes them. See jdiffusion_lora/generate/ for the details.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
+    g = p.add_argument_group("inputs")
+    g.add_argument("--model", default=None, help="diffusers-layout model folder (default: the built-in tiny model)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA file or folder, any supported format; repeat for several")
+    g.add_argument("--data", default=None, help="dataset root with <NN>/prompt.json (and tag.json, llm_prompt.json)")
+    g.add_argument("--prompts", default=None,
+                   help='prompt file instead of / on top of --data: JSON {"NN": ["Cat", ...]} or {"NN": {"0": "Cat"}}')
+    g.add_argument("--styles", default=None, help="comma-separated style ids (default: all)")
+    g.add_argument("--out", default="outputs/generate", help="output root: <out>/<NN>/<prompt>.png")
+    t = p.add_argument_group("prompt")
+    t.add_argument("--template", default="seed",
+                   help="preset (seed, trigger, plain) or a template with {trigger} {style} {style_tags} {prompt} "
+                        "{hypernyms}, {field*N} repeats: seed = '{trigger},{style_tags},{prompt*4},{hypernyms}'")
+    t.add_argument("--negative-template", default=None, help="negative prompt template (default: none)")
+    t.add_argument("--trigger-format", default="style_{style}", help="the {trigger} field")
+    t.add_argument("--dedupe", action="store_true", help="keep the first of duplicate prompts instead of stopping")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--scheduler", default=None, help="DDIMScheduler, DPMSolverMultistepScheduler, ... "
+                                                     "(default: the model's)")
+    s.add_argument("--steps", type=int, default=100)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--size", type=int, default=None, help="height and width (default: the model's)")
+    s.add_argument("--height", type=int, default=None)
+    s.add_argument("--width", type=int, default=None)
+    s.add_argument("--seed", type=int, default=114514, help="base seed")
+    s.add_argument("--seed-mode", choices=["hash", "fixed"], default="hash",
+                   help="hash: each image's seed = hash(seed, style, prompt); fixed: every image uses --seed")
+    s.add_argument("--batch-size", type=int, default=1, help="images a worker takes at a time")
+    s.add_argument("--batch-mode", choices=["exact", "batched"], default="exact",
+                   help="exact: one image per UNet call, bytes independent of batch size; batched: one UNet "
+                        "call per batch (faster on GPU, last-bit differences between batch sizes)")
+    m = p.add_argument_group("speed and memory")
+    m.add_argument("--fuse-lora", action="store_true", help="fold the LoRA(s) into the weights (faster)")
+    m.add_argument("--attention-slicing", action="store_true",
+                   help="accepted for diffusers parity; a no-op: attention already runs one (sample, head) at a time")
+    m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
+    m.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
+    m.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="fp16 on CUDA only")
+    r = p.add_argument_group("running")
+    r.add_argument("--workers", default=default_workers,
+                   help="worker processes: a number, or 'auto' (one per GPU, else 2 CPU processes)")
+    r.add_argument("--overwrite", action="store_true", help="redo images that already exist")
+    r.add_argument("--no-progress", action="store_true")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate a submission's images (resumable, parallel)",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+def resolve_workers(value) -> int:
+    if str(value) == "auto":
+        from ..generate.parallel import gpu_count
+        return gpu_count() or 2
+    n = int(value)
+    if n < 1:
+        raise ValueError(f"--workers must be at least 1 or 'auto', got {value}")
+    return n
+
+
+def run(args) -> int:
+    from ..generate import GenerateSettings, LoraSpec, build_items, read_inputs, run_job
+    from ..tiny import tiny_model_path
+
+    styles = [s for s in args.styles.split(",") if s.strip()] if args.styles else None
+    if not args.data and not args.prompts:
+        raise ValueError("give --data (dataset root with <NN>/prompt.json) or --prompts FILE")
+    inputs, llm = read_inputs(args.data, args.prompts, styles)
+    items = build_items(inputs, llm, template=args.template, negative_template=args.negative_template,
+                        base_seed=args.seed, seed_mode=args.seed_mode, trigger_format=args.trigger_format,
+                        dedupe=args.dedupe)
+    settings = GenerateSettings(
+        model=args.model or tiny_model_path(), loras=[LoraSpec.parse(s) for s in args.lora],
+        scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
+        height=args.height or args.size, width=args.width or args.size, batch_size=args.batch_size,
+        batch_mode=args.batch_mode, fuse_lora=args.fuse_lora, attention_slicing=args.attention_slicing,
+        vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, dtype=args.dtype)
+    result = run_job(items, settings, args.out, workers=resolve_workers(args.workers), overwrite=args.overwrite,
+                     progress=not args.no_progress)
+    print(f"{result.total} image(s) in {len(inputs)} style(s): {result.skipped} already done, "
+          f"{result.generated} generated by {result.workers} worker(s) in {result.seconds:.1f}s -> {args.out}/")
+    print(f"manifest: {result.manifest}")
+    if result.missing:
+        print(f"error: {len(result.missing)} image(s) still missing (a worker failed); run the same command "
+              f"again to finish: " + ", ".join(result.missing[:10]), file=sys.stderr)
+        return 1
+    return 0
