@@ -236,3 +236,77 @@ def test_samples_curve_validation_and_formats(tmp_path):
                     pipeline=tiny_pipeline(), printer=lambda s: None)
     again.run()
     assert again.latent_cache.misses == 0 and again.latent_cache.hits > 0
+
+
+def _unet_out(unet, seed=0):
+    from jdiffusion_lora._runtime import jt
+    rng = np.random.default_rng(seed)
+    x = jt.array(rng.standard_normal((1, 4, 8, 8), dtype=np.float32))
+    ctx = jt.array(rng.standard_normal((1, 77, 64), dtype=np.float32))
+    unet.eval()
+    with jt.no_grad():
+        return unet(x, 500, ctx).sample.numpy()
+
+
+def test_lora_ga_init_and_its_rank_2r_file(tmp_path):
+    """LoRA-GA: B != 0 at init but the model is unchanged (base offset); the saved rank-2r file applied to
+    the untouched base model reproduces the trained model."""
+    c = config(tmp_path, lora_init="lora_ga", rank=2, lora_ga_batches=2, max_train_steps=3, learning_rate=1e-2)
+    base = _unet_out(tiny_pipeline().unet)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    t.setup()
+    assert all(np.abs(p.up.numpy()).max() > 0 for p in t.pairs)
+    assert np.abs(_unet_out(t.unet) - base).max() < 1e-4
+    t.unet.train()
+    result = t.run()
+    trained = _unet_out(t.unet)
+    assert np.abs(trained - base).max() > 1e-3
+    saved = load_weights(result.lora_files[0])
+    assert {v.shape[0] for k, v in saved.items() if k.endswith("lora_A.weight")} == {4}
+    fresh = tiny_pipeline()
+    fresh.load_lora_weights(result.lora_files[0])
+    assert np.abs(_unet_out(fresh.unet) - trained).max() < 1e-4
+
+
+def test_prior_preservation_generates_class_images(tmp_path):
+    class_dir = tmp_path / "class"
+    c = config(tmp_path, with_prior_preservation=True, class_data_dir=str(class_dir), class_prompt="a shape",
+               num_class_images=2, class_sample_steps=2, max_train_steps=2, prior_loss_weight=0.5)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    t.run()
+    assert sorted(os.listdir(class_dir)) == ["class_000000.png", "class_000001.png"]
+    batch = t.micro_batch(0, 0)
+    assert [s.is_class for s in batch] == [False, True] and batch[1].caption == "a shape"
+    loss, per = t.batch_loss(batch)
+    per = per.numpy()
+    assert float(loss.item()) == pytest.approx(per[0] + 0.5 * per[1], rel=1e-5)
+
+
+def test_noise_and_loss_options_train(tmp_path):
+    c = config(tmp_path, max_train_steps=2, noise_offset=0.05, multires_noise_iterations=3, perlin_noise_octaves=2,
+               input_perturbation=0.1, min_snr_gamma=5.0, loss_type="huber", timestep_sampling="logit_normal",
+               timestep_min=100, timestep_max=900, caption_dropout_rate=0.5, shuffle_caption=True, keep_tokens=1,
+               optimizer="Adan", lr_scheduler="polynomial", lr_warmup_steps=1, cache_latents="none")
+    result = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None).run()
+    assert result.step == 2 and np.isfinite(result.last_loss)
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    from jdiffusion_lora.train import checkpoint as ck
+    c = config(tmp_path, max_train_steps=3, save_every=1)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    real = ck.save_safetensors
+
+    def full_disk(step, metrics):
+        if step == 2:
+            def fail(tensors, path, *a, **k):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            monkeypatch.setattr(ck, "save_safetensors", fail)
+
+    with pytest.raises(OSError, match="could not save the checkpoint of step 2 .*No space left.*checkpoint-000001"):
+        t.run(callback=full_disk)
+    monkeypatch.setattr(ck, "save_safetensors", real)
+    root = os.path.join(c.output_dir, "checkpoints")
+    assert sorted(os.listdir(root)) == ["checkpoint-000001", "latest"]
+    assert open(os.path.join(root, "latest")).read() == "checkpoint-000001"
