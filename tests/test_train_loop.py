@@ -310,3 +310,13 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     root = os.path.join(c.output_dir, "checkpoints")
     assert sorted(os.listdir(root)) == ["checkpoint-000001", "latest"]
     assert open(os.path.join(root, "latest")).read() == "checkpoint-000001"
+
+
+def test_a_fresh_run_does_not_mix_with_old_checkpoints(tmp_path):
+    Trainer(config(tmp_path, max_train_steps=2, save_every=1), pipeline=tiny_pipeline(), printer=lambda s: None).run()
+    with pytest.raises(ValueError, match="earlier run .*--resume latest.*--overwrite"):
+        Trainer(config(tmp_path, max_train_steps=2), pipeline=tiny_pipeline(), printer=lambda s: None).setup()
+    again = Trainer(config(tmp_path, max_train_steps=1, overwrite=True), pipeline=tiny_pipeline(),
+                    printer=lambda s: None)
+    again.run()
+    assert sorted(os.listdir(os.path.join(again.c.output_dir, "checkpoints"))) == ["checkpoint-000001", "latest"]

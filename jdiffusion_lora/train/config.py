@@ -23,6 +23,7 @@ class TrainConfig:
     max_train_steps: int = 1000           # optimizer steps
     prediction_type: str = ""             # "" = the base model's scheduler config; epsilon | v_prediction
     resume: str = ""                      # "" | "latest" | path of a checkpoint folder
+    overwrite: bool = False               # a fresh run may delete the checkpoints already in output_dir
 
     # ------------------------------------------------------------------ data
     data_root: str = "styles"

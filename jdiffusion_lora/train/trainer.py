@@ -194,6 +194,7 @@ class Trainer:
         else:
             if c.resume == "latest":
                 self.print(f"resume: no checkpoint under {c.output_dir}, starting from step 0")
+            self.clear_old_checkpoints()
             if c.lora_init == "lora_ga":
                 self.init_lora_ga()
             if c.ema_decay > 0:
@@ -207,6 +208,21 @@ class Trainer:
         if c.cache_latents != "none":
             self.precache_latents()
         self.ready = True
+
+    def clear_old_checkpoints(self) -> None:
+        """A fresh run never mixes its checkpoints with an earlier run's: refuse, or delete them (`overwrite`)."""
+        c = self.c
+        old = latest_checkpoint(c.output_dir)
+        if old is None:
+            return
+        if not c.overwrite:
+            raise ValueError(f"{c.output_dir} already holds checkpoints of an earlier run (latest: {old}); "
+                             f"continue it with --resume latest, or pass --overwrite to start again, "
+                             f"or choose another --output-dir")
+        import shutil
+        from .checkpoint import checkpoint_root
+        shutil.rmtree(checkpoint_root(c.output_dir))
+        self.print(f"overwrite: deleted the earlier run's checkpoints in {c.output_dir}")
 
     def prepare_class_images(self) -> List[str]:
         """The class images for prior preservation; generated with the base model when too few."""
