@@ -1,9 +1,7 @@
 """The `train` command and the train.sh / train_pack.sh wrappers."""
 import os
 import subprocess
-import sys
 
-import jdiffusion_lora  # noqa: F401
 from jdiffusion_lora.cli import main
 
 from train_fixtures import REPO

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-import jdiffusion_lora  # noqa: F401
+import jdiffusion_lora  # noqa: F401  (configures Jittor first)
 from jdiffusion_lora._runtime import jt
 from jdiffusion_lora.train.trainer import Trainer
 

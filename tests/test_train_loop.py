@@ -9,12 +9,12 @@ from contextlib import redirect_stdout
 import numpy as np
 import pytest
 
-import jdiffusion_lora  # noqa: F401
+import jdiffusion_lora  # noqa: F401  (configures Jittor first)
 from jdiffusion_lora.train import adapters as ad
 from jdiffusion_lora.train.trainer import NonFiniteLoss, Trainer, augment
 from jdiffusion_lora.weights import load_weights
 
-from train_fixtures import DEMO_STYLES, SEED_STYLE_00, config, make_competition_style, tiny_pipeline
+from train_fixtures import SEED_STYLE_00, config, make_competition_style, tiny_pipeline
 
 # Attention LoRA plus conv_in / conv_out: enough capacity for a random UNet to fit in a few dozen steps.
 LEARN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out"]
@@ -304,7 +304,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
                 raise OSError(errno.ENOSPC, "No space left on device")
             monkeypatch.setattr(ck, "save_safetensors", fail)
 
-    with pytest.raises(OSError, match="could not save the checkpoint of step 2 .*No space left.*checkpoint-000001"):
+    with pytest.raises(OSError, match=r"could not save the checkpoint of step 2: No space left on device "
+                                      r"\(writing .*training_state/adapter.safetensors\).*checkpoint-000001"):
         t.run(callback=full_disk)
     monkeypatch.setattr(ck, "save_safetensors", real)
     root = os.path.join(c.output_dir, "checkpoints")

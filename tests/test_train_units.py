@@ -1,25 +1,23 @@
 """Trainer building blocks without a model: config, data, captions, noise, objective, schedules,
 TensorBoard records, checkpoint atomicity."""
-import json
 import math
 import os
-import struct
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import jdiffusion_lora  # noqa: F401
+import jdiffusion_lora  # noqa: F401  (configures Jittor first)
 from jdiffusion_lora.train import captions as cap
 from jdiffusion_lora.train.checkpoint import latest_checkpoint, list_checkpoints, write_checkpoint, save_training_state
 from jdiffusion_lora.train.config import ConfigError, TrainConfig, build_config, to_toml
-from jdiffusion_lora.train.data import DataError, SampleOrder, discover, load_rgb, pixels, sample_rng
+from jdiffusion_lora.train.data import DataError, SampleOrder, discover, load_rgb, pixels
 from jdiffusion_lora.train.noise import draw_noise, draw_timestep, perlin_noise, pyramid_noise
 from jdiffusion_lora.train.objective import min_snr_weights
 from jdiffusion_lora.train.optim import lr_lambda
 from jdiffusion_lora.train.tfevents import EventWriter, crc32c, read_events
 
-from train_fixtures import DEMO_STYLES, SEED_STYLE_00, make_competition_style, random_image
+from train_fixtures import SEED_STYLE_00, make_competition_style, random_image
 
 
 # ---------------------------------------------------------------------------- config

@@ -18,6 +18,7 @@ kill at any moment leaves the previous checkpoint as the latest, never a half-wr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -127,14 +128,28 @@ def _fsync_dir(path: str) -> None:
 
 # ---------------------------------------------------------------------------- training state
 
+@contextlib.contextmanager
+def writing(path: str):
+    """Re-raise an OSError (a full disk, say) with the file being written in its message."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename or (e.strerror and path in e.strerror):
+            raise
+        raise OSError(e.errno, f"{e.strerror or e} (writing {path})") from None
+
+
 def save_training_state(folder: str, state: dict, adapter: Dict[str, np.ndarray],
                         optimizer: Dict[str, np.ndarray], extra: Dict[str, np.ndarray]) -> None:
     d = os.path.join(folder, STATE_DIR)
     os.makedirs(d, exist_ok=True)
-    save_safetensors(adapter, os.path.join(d, "adapter.safetensors"))
-    save_safetensors(optimizer, os.path.join(d, "optimizer.safetensors"))
-    save_safetensors(extra, os.path.join(d, "extra.safetensors"))
-    atomic_write_bytes(os.path.join(d, "state.json"), [json.dumps(state, indent=2, sort_keys=True).encode()])
+    for name, arrays in (("adapter", adapter), ("optimizer", optimizer), ("extra", extra)):
+        path = os.path.join(d, f"{name}.safetensors")
+        with writing(path):
+            save_safetensors(arrays, path)
+    path = os.path.join(d, "state.json")
+    with writing(path):
+        atomic_write_bytes(path, [json.dumps(state, indent=2, sort_keys=True).encode()])
 
 
 def load_training_state(checkpoint: str):

@@ -3,7 +3,6 @@ memory estimate, without loading any weights or training."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from typing import Callable, Dict, List
 

@@ -13,11 +13,9 @@ resumed run repeats the uninterrupted one bit for bit (CPU).
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -30,7 +28,7 @@ from . import adapters as ad
 from .cache import LatentCache, TextCache, latent_key, sample_latent, vae_fingerprint
 from .captions import CaptionOptions, caption_parts, render_caption, split_tags
 from .checkpoint import (latest_checkpoint, load_training_state, resolve_resume, save_training_state,
-                         write_checkpoint)
+                         write_checkpoint, writing)
 from .config import TrainConfig, as_dict, to_toml
 from .data import (STREAM_CLASS, STREAM_DATA, STREAM_NOISE, STREAM_VAE, STREAM_VALIDATION, DataError,
                    ImageRecord, SampleOrder, crop_box, discover, list_images, load_rgb, pixels, resized_size,
@@ -470,8 +468,9 @@ class Trainer:
                          "ss_learning_rate": str(c.learning_rate), "ss_max_train_steps": str(c.max_train_steps),
                          "ss_num_train_images": str(len(self.records)),
                          "ss_training_comment": "triggers: " + ",".join(s.trigger for s in self.data.styles)}
-            paths.append(save_lora_state(state, os.path.join(folder, LORA_FILES[fmt]), format=fmt,
-                                         dtype=c.save_dtype, metadata=extra))
+            path = os.path.join(folder, LORA_FILES[fmt])
+            with writing(path):
+                paths.append(save_lora_state(state, path, format=fmt, dtype=c.save_dtype, metadata=extra))
         return paths
 
     def ema_arrays(self) -> Dict[str, np.ndarray]:
@@ -505,9 +504,8 @@ class Trainer:
             return write_checkpoint(c.output_dir, step, write, c.keep_last)
         except OSError as e:
             last = latest_checkpoint(c.output_dir)
-            raise OSError(e.errno, f"could not save the checkpoint of step {step} in {c.output_dir} "
-                          f"({e.strerror or e}); nothing half-written was kept, the latest checkpoint is "
-                          f"{last or 'none'}") from None
+            raise OSError(e.errno, f"could not save the checkpoint of step {step}: {e.strerror or e}; nothing "
+                          f"half-written was kept, the latest checkpoint is {last or 'none'}") from None
 
     def restore(self, checkpoint: str) -> None:
         state, adapter, optimizer, extra = load_training_state(checkpoint)
@@ -622,6 +620,12 @@ class Trainer:
         os.makedirs(c.output_dir, exist_ok=True)
         atomic_write_bytes(os.path.join(c.output_dir, "config.toml"), [to_toml(c).encode()])
         self.metrics = MetricsLog(c.output_dir, c.tensorboard, resume_step=self.start_step if self.start_step else None)
+        self.print(f"training {len(self.records)} image(s) of {self.n_styles} style(s) "
+                   f"({', '.join(s.trigger or s.name for s in self.data.styles)}); LoRA rank "
+                   f"{ad.total_rank(c, self.n_styles)} on {len(self.pairs)} layers, "
+                   f"{sum(int(np.prod(p.shape)) for p in self.params):,} parameters; {self.prediction_type}; "
+                   f"steps {self.start_step} -> {c.max_train_steps}")
+        self.print("parameter groups:\n" + describe_groups(self.groups))
         end = min(until, c.max_train_steps) if until else c.max_train_steps
         result = TrainResult(step=self.start_step, stopped="done", output_dir=c.output_dir)
         previous = {}
