@@ -29,7 +29,7 @@ from .manifest import write_manifest
 from .plan import Item
 from .runner import GenerateSettings, generate_items, job_description, load_pipeline, pending_items
 
-# Test hook: "W:N" makes worker W exit abruptly after finishing N items (to test recovery).
+# Test hook: "W:N[,W:N]" makes worker W exit abruptly after finishing N items (to test recovery).
 CRASH_ENV = "JDIFFUSION_GENERATE_CRASH"
 
 
@@ -84,8 +84,8 @@ def _worker_main(wid: int, settings_dict: dict, out_dir: str, job: dict, tasks, 
     try:
         import jdiffusion_lora  # noqa: F401  (sets Jittor's environment first)
         settings = GenerateSettings.from_dict(settings_dict)
-        crash = os.environ.get(CRASH_ENV, "")
-        crash_after = int(crash.split(":")[1]) if crash.startswith(f"{wid}:") else None
+        crashes = dict(c.split(":") for c in os.environ.get(CRASH_ENV, "").split(",") if ":" in c)
+        crash_after = int(crashes[str(wid)]) if str(wid) in crashes else None
         pipe = load_pipeline(settings)
         made = 0
 
@@ -171,10 +171,10 @@ def _run_workers(todo: List[Item], settings: GenerateSettings, out_dir: str, job
                         idle.remove(w)
                     lost = list(held[w].values())
                     held[w] = {}
-                    if lost:
-                        print(f"worker {w} exited (code {procs[w].exitcode}); {len(lost)} item(s) handed to "
-                              f"the other workers", file=sys.stderr)
-                        pending.extendleft(reversed(lost))
+                    if procs[w].exitcode != 0 or lost:
+                        print(f"worker {w} exited (code {procs[w].exitcode}); {len(lost)} unfinished item(s) "
+                              f"handed to the other workers", file=sys.stderr)
+                    pending.extendleft(reversed(lost))
             while pending and idle:
                 dispatch(idle.pop(0))
     finally:
