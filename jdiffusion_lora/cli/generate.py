@@ -9,8 +9,8 @@ Resumable: images already made with the same settings are skipped (checked again
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+import warnings
 
 
 def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
@@ -84,9 +84,13 @@ def run(args) -> int:
     if not args.data and not args.prompts:
         raise ValueError("give --data (dataset root with <NN>/prompt.json) or --prompts FILE")
     inputs, llm = read_inputs(args.data, args.prompts, styles)
-    items = build_items(inputs, llm, template=args.template, negative_template=args.negative_template,
-                        base_seed=args.seed, seed_mode=args.seed_mode, trigger_format=args.trigger_format,
-                        dedupe=args.dedupe)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items = build_items(inputs, llm, template=args.template, negative_template=args.negative_template,
+                            base_seed=args.seed, seed_mode=args.seed_mode, trigger_format=args.trigger_format,
+                            dedupe=args.dedupe)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     settings = GenerateSettings(
         model=args.model or tiny_model_path(), loras=[LoraSpec.parse(s) for s in args.lora],
         scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,

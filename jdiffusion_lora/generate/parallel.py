@@ -21,7 +21,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
@@ -141,6 +141,7 @@ def _run_workers(todo: List[Item], settings: GenerateSettings, out_dir: str, job
     idle: List[int] = []
     alive = set(procs)
     generated = 0
+    per_worker = {wid: 0 for wid in procs}
 
     def dispatch(wid: int) -> None:
         group = [pending.popleft() for _ in range(min(settings.batch_size, len(pending)))]
@@ -161,6 +162,9 @@ def _run_workers(todo: List[Item], settings: GenerateSettings, out_dir: str, job
             elif kind == "done":
                 if held[wid].pop(payload, None) is not None:
                     generated += 1
+                    per_worker[wid] += 1
+                    bar.set_postfix_str(" ".join(f"w{w}:{n}" + ("" if w in alive else "(dead)")
+                                                 for w, n in sorted(per_worker.items())), refresh=False)
                     bar.update(1)
             elif kind == "error":
                 print(f"worker {wid} failed:\n{payload}", file=sys.stderr)
