@@ -34,16 +34,22 @@ CONFIGS = {
 }
 
 
-def timed(fn, repeats):
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+def timed_pair(fn_a, fn_b, repeats):
+    """First-call times and steady-state medians of two functions, calls interleaved a, b, a, b, ...
+
+    Interleaving makes both sides see the same background load on a shared machine.
+    """
+    firsts, times = [], ([], [])
+    for fn in (fn_a, fn_b):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times)
+        firsts.append(time.perf_counter() - start)
+    for _ in range(repeats):
+        for fn, bucket in zip((fn_a, fn_b), times):
+            start = time.perf_counter()
+            fn()
+            bucket.append(time.perf_counter() - start)
+    return firsts[1], statistics.median(times[0]), statistics.median(times[1])
 
 
 def main():
@@ -51,7 +57,7 @@ def main():
     ap.add_argument("--config", default="small", choices=sorted(CONFIGS))
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--latent", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
 
@@ -97,8 +103,7 @@ def main():
     ref.eval()
     rows = []
     for name, tf, jf in (("forward", torch_fwd, jt_fwd), ("forward+backward", torch_fwd_bwd, jt_fwd_bwd)):
-        t_first, t_med = timed(tf, args.repeats)
-        j_first, j_med = timed(jf, args.repeats)
+        j_first, t_med, j_med = timed_pair(tf, jf, args.repeats)
         rows.append((name, t_med, j_med, j_first))
     n_params = sum(p.numel() for p in ref.parameters())
     print(f"UNet '{args.config}' ({n_params / 1e6:.2f}M params), batch {b}, latents {s}x{s}, "
