@@ -4,6 +4,7 @@
 #   bash train.sh --styles 01 --max-train-steps 50 # any option overrides the config
 #   bash train.sh --config my.toml --dry-run       # print captions, plan, parameter counts, memory
 #   bash train.sh --resume latest                  # continue an interrupted run
+# Relative paths (--config, --data-root, --output-dir, ...) are taken from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")"
 config=configs/demo.toml

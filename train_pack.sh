@@ -3,6 +3,7 @@
 # demo styles on the built-in tiny model (configs/demo_pack.toml). The seed's 28-style recipe:
 #   bash train_pack.sh --config configs/seed.toml --base-model /models/sd21 --data-root /data/B
 # Options as in train.sh (any config key: --styles 00,03,07 --rank 8 --dry-run --resume latest ...).
+# Relative paths (--config, --data-root, --output-dir, ...) are taken from the repository root.
 set -euo pipefail
 cd "$(dirname "$0")"
 config=configs/demo_pack.toml
