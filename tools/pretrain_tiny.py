@@ -1,0 +1,280 @@
+"""Pretrain the built-in tiny Stable Diffusion model on the procedural shapes data set.
+
+    python tools/pretrain_tiny.py --out jdiffusion_lora/assets/tiny-sd            # full run (~40 min, 2 CPU cores)
+    python tools/pretrain_tiny.py --out /tmp/t --vae-steps 2 --unet-steps 2 --data 32 --no-grid   # smoke run
+
+Two phases, both plain AdamW on CPU:
+  1. VAE: a small AutoencoderKL (64x64 RGB -> 8x8x4 latents) trained as an autoencoder
+     (MSE + a tiny KL term) on `jdiffusion_lora.tiny_data` images. Its `scaling_factor` is then set
+     to 1 / std of the data set's latents, so the UNet sees unit-variance latents.
+  2. UNet + CLIP text encoder, jointly, on the cached latents (posterior means): epsilon
+     prediction with DDPM noise, 10% of captions dropped to "" for classifier-free guidance.
+The text encoder keeps the byte-level 514-token vocabulary of `jdiffusion_lora.tiny`.
+
+Deterministic for a given seed on one machine: all data randomness comes from one numpy
+Generator, and Jittor's own seed is fixed. The output folder gets the diffusers layout, a
+`SHA256SUMS` of the weight files, `train_log.txt` and (unless --no-grid) `samples.png`.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jdiffusion_lora  # noqa: E402,F401  (sets Jittor's environment before importing it)
+from jdiffusion_lora._runtime import jt  # noqa: E402
+from jdiffusion_lora import tiny, tiny_data  # noqa: E402
+
+# 64x64 pixels -> 8x8 latents (three downsamplings). No VAE attention: flat-colour images do not need it.
+VAE_CONFIG = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 8,
+    "block_out_channels": [16, 32, 32, 32], "sample_size": 64, "mid_block_add_attention": False,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+}
+UNET_CONFIG = dict(tiny.UNET_CONFIG, sample_size=8)
+TEXT_CONFIG = dict(tiny.TEXT_CONFIG)
+SCHEDULER_CONFIG = dict(tiny.SCHEDULER_CONFIG)
+
+# The sample grid: one row per prompt, one column per seed.
+GRID_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow square on a black background",
+    "a white triangle on a green background",
+    "a blue circle on a yellow background",
+    "a green square on a white background",
+    "a black triangle on a red background",
+]
+GRID_SEEDS = list(range(6))
+GRID_STEPS = 20
+GRID_GUIDANCE = 4.0
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weight_files(folder: str) -> List[str]:
+    """Relative paths of the weight files in a pipeline folder, sorted."""
+    out = []
+    for sub in ("text_encoder", "unet", "vae"):
+        for name in sorted(os.listdir(os.path.join(folder, sub))):
+            if name.endswith(".safetensors"):
+                out.append(f"{sub}/{name}")
+    return out
+
+
+def write_sha256sums(folder: str) -> List[str]:
+    lines = [f"{sha256_file(os.path.join(folder, rel))}  {rel}" for rel in weight_files(folder)]
+    with open(os.path.join(folder, "SHA256SUMS"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * frac)))
+
+
+def set_lr(optimizer, lr: float) -> None:
+    optimizer.lr = lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_vae(vae, images: np.ndarray, steps: int, batch: int, lr: float, rng, log) -> None:
+    """Autoencoder training: MSE reconstruction of a sampled latent + 1e-6 * KL."""
+    vae.train()
+    optimizer = jt.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    latent_hw = images.shape[-1] // vae.downscale_factor
+    for step in range(steps):
+        set_lr(optimizer, lr_at(step, steps, lr, min(50, steps)))
+        idx = rng.integers(len(images), size=batch)
+        x = jt.array(images[idx])                                            # (B, 3, 64, 64)
+        noise = jt.array(rng.standard_normal((batch, 4, latent_hw, latent_hw), dtype=np.float32))
+        posterior = vae.encode(x).latent_dist
+        rec = vae.decode(posterior.sample(noise)).sample                     # (B, 3, 64, 64)
+        mse = ((rec - x) ** 2).mean()
+        loss = mse + 1e-6 * posterior.kl().mean()
+        optimizer.step(loss)
+        if step % 25 == 0 or step == steps - 1:
+            log(f"vae step {step:5d}  mse {float(mse.item()):.5f}")
+
+
+def encode_latents(vae, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Posterior means of all images -> (N, 4, 8, 8) float32 (unscaled)."""
+    vae.eval()
+    out = []
+    with jt.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(vae.encode(jt.array(images[i:i + batch])).latent_dist.mode().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def train_unet(unet, text_encoder, latents: np.ndarray, ids: np.ndarray, empty_ids: np.ndarray,
+               alphas_cumprod: np.ndarray, steps: int, batch: int, lr: float, rng, log,
+               checkpoint=None, checkpoint_every: int = 0) -> None:
+    """Joint epsilon-prediction training of the UNet and the text encoder on scaled latents."""
+    unet.train()
+    text_encoder.train()
+    optimizer = jt.optim.AdamW(unet.parameters() + text_encoder.parameters(), lr=lr, weight_decay=0.01)
+    running = []
+    for step in range(steps):
+        set_lr(optimizer, lr_at(step, steps, lr, min(100, steps)))
+        idx = rng.integers(len(latents), size=batch)
+        x0 = latents[idx]                                                    # (B, 4, 8, 8)
+        tok = ids[idx].copy()                                                # (B, 77)
+        tok[rng.random(batch) < 0.1] = empty_ids                             # caption dropout for CFG
+        t = rng.integers(len(alphas_cumprod), size=batch)
+        noise = rng.standard_normal(x0.shape, dtype=np.float32)
+        a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+        noisy = (np.sqrt(a) * x0 + np.sqrt(1 - a) * noise).astype(np.float32)
+        context = text_encoder(jt.array(tok)).last_hidden_state              # (B, 77, 64)
+        pred = unet(jt.array(noisy), jt.array(t.astype(np.int32)), context).sample
+        loss = ((pred - jt.array(noise)) ** 2).mean()
+        optimizer.step(loss)
+        running.append(float(loss.item()))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"unet step {step:5d}  loss {np.mean(running):.5f}  lr {optimizer.lr:.2e}")
+            running = []
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            checkpoint(step + 1)
+
+
+def sample_grid(pipe, path: str, prompts: List[str] = GRID_PROMPTS, seeds: List[int] = GRID_SEEDS,
+                steps: int = GRID_STEPS, guidance: float = GRID_GUIDANCE) -> float:
+    """Draw the grid (rows = prompts, columns = seeds) to `path`; returns the pixel-check pass rate."""
+    from PIL import Image
+
+    pipe.progress_bar_disabled = True
+    size = tiny_data.SIZE
+    grid = Image.new("RGB", (size * len(seeds), size * len(prompts)), (128, 128, 128))
+    passed = 0
+    for row, prompt in enumerate(prompts):
+        words = prompt.split()
+        images = pipe([prompt] * len(seeds), num_inference_steps=steps, guidance_scale=guidance, seed=seeds).images
+        for col, image in enumerate(images):
+            grid.paste(image, (col * size, row * size))
+            passed += tiny_data.matches(image, words[1], words[5])
+    grid.save(path)
+    return passed / (len(prompts) * len(seeds))
+
+
+def build_tokenizer():
+    from jdiffusion_lora.models.clip_tokenizer import CLIPTokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny.write_byte_level_tokenizer(tmp)
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def pretrain(out: str, seed: int = 0, data: int = 4096, vae_steps: int = 600, vae_batch: int = 16,
+             vae_lr: float = 1e-3, unet_steps: int = 3000, unet_batch: int = 64, unet_lr: float = 1e-3,
+             grid: bool = True, checkpoint_every: int = 500, quiet: bool = False) -> dict:
+    """Run both phases and write the pipeline folder `out`. Returns a summary dict."""
+    from jdiffusion_lora.models.autoencoder_kl import AutoencoderKL
+    from jdiffusion_lora.models.clip import CLIPTextModel
+    from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionModel
+    from jdiffusion_lora.pipelines.stable_diffusion import StableDiffusionPipeline
+    from jdiffusion_lora.schedulers import DDIMScheduler, DDPMScheduler
+
+    os.makedirs(out, exist_ok=True)
+    lines: List[str] = []
+    start = time.time()
+
+    def log(msg: str) -> None:
+        line = f"[{time.time() - start:7.1f}s] {msg}"
+        lines.append(line)
+        if not quiet:
+            print(line, flush=True)
+
+    settings = dict(seed=seed, data=data, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr,
+                    unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr)
+    log("settings " + json.dumps(settings, sort_keys=True))
+    jt.set_global_seed(seed)
+    rng = np.random.default_rng(seed)
+
+    images_u8, captions, _ = tiny_data.make_dataset(data, seed)
+    images = (images_u8.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()   # (N, 3, 64, 64)
+
+    vae = AutoencoderKL.from_config(dict(VAE_CONFIG))
+    unet = UNet2DConditionModel.from_config(dict(UNET_CONFIG))
+    text_encoder = CLIPTextModel.from_config(dict(TEXT_CONFIG))
+    tokenizer = build_tokenizer()
+
+    train_vae(vae, images, vae_steps, vae_batch, vae_lr, rng, log)
+    latents = encode_latents(vae, images)
+    std = float(latents.std())
+    vae.config.scaling_factor = float(f"{1.0 / std:.5f}")
+    latents = latents * np.float32(vae.config.scaling_factor)
+    log(f"latent std {std:.5f} -> scaling_factor {vae.config.scaling_factor}")
+
+    ids = np.asarray(tokenizer(captions, padding="max_length", max_length=77, truncation=True)["input_ids"],
+                     dtype=np.int32)                                                # (N, 77)
+    empty_ids = np.asarray(tokenizer([""], padding="max_length", max_length=77)["input_ids"][0], dtype=np.int32)
+    alphas_cumprod = np.asarray(DDPMScheduler.from_config(dict(SCHEDULER_CONFIG, _class_name="DDPMScheduler"))
+                                .alphas_cumprod, dtype=np.float64)
+
+    def make_pipe():
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler.from_config(dict(SCHEDULER_CONFIG)))
+
+    def checkpoint(step: int) -> None:
+        make_pipe().save_pretrained(out)
+        log(f"checkpoint saved at unet step {step}")
+
+    train_unet(unet, text_encoder, latents, ids, empty_ids, alphas_cumprod, unet_steps, unet_batch, unet_lr,
+               rng, log, checkpoint, checkpoint_every)
+    for model in (unet, vae, text_encoder):
+        model.eval()
+    pipe = make_pipe()
+    pipe.save_pretrained(out)
+    sums = write_sha256sums(out)
+    log("saved " + "; ".join(sums))
+    summary = {"settings": settings, "sha256": sums, "train_seconds": round(time.time() - start, 1)}
+    if grid:
+        rate = sample_grid(pipe, os.path.join(out, "samples.png"))
+        summary["grid_pixel_check"] = rate
+        log(f"samples.png: pixel check passed on {rate:.0%} of the grid")
+    log(f"done in {time.time() - start:.0f}s")
+    with open(os.path.join(out, "train_log.txt"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder (diffusers layout)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", type=int, default=4096, help="number of procedural images")
+    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--unet-steps", type=int, default=3000)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-lr", type=float, default=1e-3)
+    p.add_argument("--checkpoint-every", type=int, default=500, help="save the pipeline every N UNet steps (0: never)")
+    p.add_argument("--no-grid", action="store_true", help="skip the sample grid")
+    a = p.parse_args(argv)
+    summary = pretrain(a.out, a.seed, a.data, a.vae_steps, a.vae_batch, a.vae_lr, a.unet_steps, a.unet_batch,
+                       a.unet_lr, grid=not a.no_grid, checkpoint_every=a.checkpoint_every)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
