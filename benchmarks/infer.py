@@ -129,7 +129,8 @@ def main() -> int:
                 return 1
             rows.append(json.loads(line[-1][len("RESULT "):]))
     print(f"model {args.model or args.config}, {args.scheduler}, {args.steps} steps, batch {args.batch}, "
-          f"{args.images} timed images, {args.threads} thread(s), CFG 7.5")
+          f"{args.images} timed images, {args.threads} thread(s), CFG 7.5; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (timings are only comparable on an idle machine)")
     print(f"{'side':<14}{'s/image':>10}{'vs diffusers':>14}{'warm-up s':>11}{'peak RSS MB':>13}")
     base = rows[0]["s_per_image"]
     for r in rows:

@@ -116,6 +116,16 @@ def test_lora_for_another_base_model_is_refused_before_writing(tmp_path, data):
     assert not any(f.endswith(".png") for _, _, fs in os.walk(out) for f in fs)
 
 
+def test_bad_lora_in_parallel_workers_is_one_clear_error(tmp_path, data):
+    bad = write_tiny_lora(str(tmp_path / "sd2.safetensors"), width=1024)
+    out = tmp_path / "out"
+    r = _cli("run_parallel.py", "--data", data, "--lora", bad, "--steps", "1", "--out", str(out), "--workers", "2",
+             "--no-progress")
+    assert r.returncode == 2 and "all 2 workers failed before making an image" in r.stderr
+    assert "another base model" in r.stderr and "Traceback" not in r.stderr
+    assert not any(f.endswith(".png") for _, _, fs in os.walk(out) for f in fs)
+
+
 def test_fp16_refused_on_cpu():
     from jdiffusion_lora._runtime import DEVICE
     if DEVICE == "cuda":

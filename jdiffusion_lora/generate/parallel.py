@@ -33,6 +33,10 @@ from .runner import GenerateSettings, generate_items, job_description, load_pipe
 CRASH_ENV = "JDIFFUSION_GENERATE_CRASH"
 
 
+class WorkerError(ValueError):
+    """Every worker failed before making an image (e.g. a LoRA that does not fit the model)."""
+
+
 @dataclass
 class JobResult:
     total: int                       # items in the plan
@@ -54,7 +58,6 @@ def run_job(items: Sequence[Item], settings: GenerateSettings, out_dir: str, wor
     """Generate every item not already done under `out_dir`, with `workers` processes (1 = in this process)."""
     settings.check()
     t0 = time.time()
-    os.makedirs(out_dir, exist_ok=True)
     job = job_description(settings)
     todo = pending_items(items, out_dir, job, overwrite)
     done_before = len(items) - len(todo)
@@ -117,8 +120,10 @@ def _run_workers(todo: List[Item], settings: GenerateSettings, out_dir: str, job
     gpus = gpu_count()
     procs: Dict[int, mp.Process] = {}
     for wid in range(workers):
-        if gpus:
-            env = {"CUDA_VISIBLE_DEVICES": str(wid % gpus)}
+        if gpus:  # respect a CUDA_VISIBLE_DEVICES the user set: worker w gets the w-th listed device
+            visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+            devices = visible or [str(i) for i in range(gpus)]
+            env = {"CUDA_VISIBLE_DEVICES": devices[wid % len(devices)]}
         else:  # share the cores: OpenMP threads spinning in several processes slow everything down 10-50x
             threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // workers))
             env = {"JDIFFUSION_DEVICE": "cpu", "OMP_NUM_THREADS": threads}
@@ -142,6 +147,7 @@ def _run_workers(todo: List[Item], settings: GenerateSettings, out_dir: str, job
     alive = set(procs)
     generated = 0
     per_worker = {wid: 0 for wid in procs}
+    errors: Dict[int, str] = {}
 
     def dispatch(wid: int) -> None:
         group = [pending.popleft() for _ in range(min(settings.batch_size, len(pending)))]
@@ -167,7 +173,9 @@ def _run_workers(todo: List[Item], settings: GenerateSettings, out_dir: str, job
                                                  for w, n in sorted(per_worker.items())), refresh=False)
                     bar.update(1)
             elif kind == "error":
-                print(f"worker {wid} failed:\n{payload}", file=sys.stderr)
+                errors[wid] = payload
+                if per_worker[wid] or generated:
+                    print(f"worker {wid} failed:\n{payload}", file=sys.stderr)
             for w in list(alive):  # a dead worker's unfinished items go back to the queue
                 if not procs[w].is_alive():
                     alive.discard(w)
@@ -189,4 +197,7 @@ def _run_workers(todo: List[Item], settings: GenerateSettings, out_dir: str, job
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
+    if not generated and errors and len(errors) == len(procs):  # the same set-up error in every worker
+        first = errors[min(errors)].strip().splitlines()
+        raise WorkerError(f"all {len(procs)} workers failed before making an image: {first[-1]}")
     return generated
