@@ -233,6 +233,7 @@ def test_all_workers_dead_then_rerun_finishes(tmp_path, data, lora, reference):
             "--no-progress")
     r = _cli("run_parallel.py", *args, env={"JDIFFUSION_GENERATE_CRASH": "0:1,1:1"})
     assert r.returncode == 1 and "3 image(s) still missing" in r.stderr and "run the same command again" in r.stderr
+    assert len(read_manifest(os.path.join(out, "manifest.json"))["images"]) == 2
     r = _cli("run_parallel.py", *args)
     assert r.returncode == 0, r.stderr
     assert "2 already done, 3 generated" in r.stdout

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, List, Optional
 
 from ..weights import atomic_write_bytes
 
@@ -94,12 +94,15 @@ def is_done(out_dir: str, relpath: str, expected_fingerprint: str) -> bool:
     return sha256_file(path) == rec.get("sha256")
 
 
-def write_manifest(out_dir: str, relpaths: Iterable[str], job: dict) -> Dict[str, dict]:
-    """Merge the records of `relpaths` (those that exist) into `<out>/manifest.json`; returns the images dict."""
+def write_manifest(out_dir: str, expected: Dict[str, str], job: dict) -> Dict[str, dict]:
+    """Merge the records of the images in `expected` (relpath -> fingerprint) into `<out>/manifest.json`.
+
+    Only images that exist and were made with the expected settings are listed; returns them."""
     images = {}
-    for rel in sorted(relpaths):
+    for rel in sorted(expected):
         rec = read_record(out_dir, rel)
-        if rec is not None and os.path.isfile(os.path.join(out_dir, rel)):
+        if (rec is not None and rec.get("fingerprint") == expected[rel]
+                and os.path.isfile(os.path.join(out_dir, rel))):
             images[rel] = rec
     manifest = {"version": 1, "job": job, "images": images}
     atomic_write_bytes(os.path.join(out_dir, MANIFEST), [json.dumps(manifest, indent=1, sort_keys=True).encode()])

@@ -25,7 +25,7 @@ from typing import Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
-from .manifest import write_manifest
+from .manifest import fingerprint, write_manifest
 from .plan import Item
 from .runner import GenerateSettings, generate_items, job_description, load_pipeline, pending_items
 
@@ -74,7 +74,7 @@ def run_job(items: Sequence[Item], settings: GenerateSettings, out_dir: str, wor
     finally:
         bar.close()
     relpaths = [it.relpath for it in items]
-    images = write_manifest(out_dir, relpaths, job)
+    images = write_manifest(out_dir, {it.relpath: fingerprint(job, it.to_dict()) for it in items}, job)
     return JobResult(total=len(items), skipped=done_before, generated=generated,
                      missing=[r for r in relpaths if r not in images], workers=workers,
                      seconds=time.time() - t0, manifest=os.path.join(out_dir, "manifest.json"))
