@@ -175,6 +175,18 @@ def test_same_bytes_with_batch_size_4_and_fused_lora(tmp_path, data, lora, refer
         assert np.abs(a - b).max() <= 1
 
 
+def test_batched_mode_is_close_and_recorded(tmp_path, data, lora, reference):
+    out = str(tmp_path / "batched")
+    run_job(_items(data), _settings(lora, batch_size=3, batch_mode="batched"), out, progress=False)
+    import numpy as np
+    from PIL import Image
+    for rel in _files(reference):   # one UNet call per batch: equal up to a rounding step, not byte-exact
+        a = np.asarray(Image.open(os.path.join(reference, rel)), dtype=int)
+        b = np.asarray(Image.open(os.path.join(out, rel)), dtype=int)
+        assert np.abs(a - b).max() <= 1
+    assert {r["settings"]["batch_mode"] for r in _manifest(out).values()} == {"batched"}
+
+
 def test_resume_after_interrupt(tmp_path, data, lora, reference):
     out = str(tmp_path / "resume")
     items, settings = _items(data), _settings(lora, batch_size=2)
