@@ -226,6 +226,15 @@ def test_samples_curve_validation_and_formats(tmp_path):
     assert Image.open(result.loss_curve).size == (800, 450)
     records = [json.loads(line) for line in open(os.path.join(c.output_dir, "metrics.jsonl"))]
     assert any("val/loss" in r for r in records) and all(np.isfinite(r.get("loss", 0)) for r in records)
+    # the sample round is scored with the local scorer: hist of the style-00 sample vs style 00's references
+    from jdiffusion_lora.metrics.hist import hist_scores
+    scored = [r for r in records if "score/hist" in r]
+    assert [r["step"] for r in scored] == [2]
+    sample = os.path.join(c.output_dir, "samples", "step_000002", "00")
+    sample_files = [os.path.join(sample, f) for f in os.listdir(sample)]
+    refs = [os.path.join(c.data_root, "00", "images", f) for f in sorted(os.listdir(os.path.join(c.data_root, "00", "images")))]
+    expected = float(hist_scores([Image.open(f) for f in sample_files], [Image.open(f) for f in refs]).mean())
+    assert len(sample_files) == 1 and abs(scored[0]["score/hist"] - expected) < 1e-6
     kohya = load_weights(result.lora_files[1])
     assert any(k.startswith("lora_unet_") and k.endswith(".alpha") for k in kohya)
     cache_files = [f for _, _, fs in os.walk(os.path.join(c.output_dir, "cache")) for f in fs]

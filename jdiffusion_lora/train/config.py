@@ -137,6 +137,10 @@ class TrainConfig:
     sample_seed: int = 114514
     sample_steps: int = 20
     sample_guidance: float = 7.5
+    # Score each sample round with the local scorer (competition layout, default prompts only):
+    # metrics logged as score/<name>; hist needs no weights, the others need score_weights.
+    sample_scores: List[str] = field(default_factory=lambda: ["hist"])
+    score_weights: str = ""               # folder of scorer networks (see metrics/evaluate.py)
     validation_every: int = 0             # steps; 0 = off
     validation_images: List[str] = field(default_factory=list)  # held out: "<style>/<file name>"
     validation_seed: int = 0

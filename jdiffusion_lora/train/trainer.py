@@ -18,7 +18,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -125,6 +125,7 @@ class Trainer:
         self.print = printer
         self.ready = False
         self._stop_signal: Optional[int] = None
+        self._scorer = None  # the local scorer, built on the first sample round that is scored
 
     # ================================================================== set-up
 
@@ -540,21 +541,25 @@ class Trainer:
 
     # ================================================================== samples and validation
 
-    def sample_prompts(self) -> List[str]:
+    def sample_prompts(self) -> List[Tuple[str, Optional[str], Optional[str]]]:
+        """(prompt, style name, object) per sample image; style and object are known for the default
+        prompts (one per style: trigger, style tags, its first prompt) and None for user prompts."""
         c = self.c
-        prompts = list(c.sample_prompts)
+        prompts = [(p, None, None) for p in c.sample_prompts]
         if c.sample_prompts_file:
             with open(c.sample_prompts_file, encoding="utf-8") as f:
-                prompts += [line.strip() for line in f if line.strip() and not line.startswith("#")]
+                prompts += [(line.strip(), None, None) for line in f if line.strip() and not line.startswith("#")]
         if not prompts:
             for style in self.data.styles:
                 first = next(iter(style.prompts.values()), None) or (style.images[0].stem if style.images else "")
-                prompts.append(",".join([t for t in [style.trigger, *style.style_tags, first] if t]))
+                text = ",".join([t for t in [style.trigger, *style.style_tags, first] if t])
+                prompts.append((text, style.name, first))
         return prompts
 
     def sample_images(self, step: int) -> str:
         c = self.c
-        prompts = self.sample_prompts()
+        items = self.sample_prompts()
+        prompts = [p for p, _, _ in items]
         self.unet.eval()
         self.text_encoder.eval()
         try:
@@ -571,7 +576,34 @@ class Trainer:
         path = os.path.join(c.output_dir, "samples", f"step_{step:06d}.png")
         save_png(grid, path)
         self.metrics.add_image(step, "samples", grid)
+        self.score_samples(step, items, out.images)
         return path
+
+    def score_samples(self, step: int, items, images) -> Optional[Dict[str, float]]:
+        """Score one sample round with the local scorer and log `score/<metric>`.
+
+        Runs when `sample_scores` is set, the prompts are the default per-style ones and the data is in
+        the competition layout (`<data_root>/<NN>/images`): the images are written as a one-image
+        submission per style (`samples/step_N/<NN>/<object>.png`) and scored against the references.
+        """
+        c = self.c
+        if not c.sample_scores or any(style is None for _, style, _ in items):
+            return None
+        if not all(os.path.isdir(os.path.join(c.data_root, style, "images")) for _, style, _ in items):
+            return None
+        from ..metrics.evaluate import Scorer, evaluate_folder
+
+        folder = os.path.join(c.output_dir, "samples", f"step_{step:06d}")
+        for (_, style, obj), image in zip(items, images):
+            save_png(image, os.path.join(folder, style, f"{obj or 'sample'}.png"))
+        if self._scorer is None:
+            self._scorer = Scorer(c.score_weights or None, metrics=c.sample_scores)
+        scores = evaluate_folder(folder, c.data_root, styles=sorted({s for _, s, _ in items}), scorer=self._scorer)
+        values = {f"score/{k}": float(v) for k, v in scores["overall"].items() if isinstance(v, (int, float))}
+        if values:
+            self.metrics.log(step, values)
+            self.print(f"step {step} sample scores: " + ", ".join(f"{k[6:]} {v:.4f}" for k, v in values.items()))
+        return values
 
     def validation_loss(self) -> float:
         """Mean loss on the held-out images (see `fixed_loss`)."""
