@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .._runtime import jt
-from .state import delta_weight, norm_axes, rank_of, scale_of
+from .state import AdapterTensors, delta_weight, norm_axes, rank_of, scale_of
 
 nn = jt.nn
 
@@ -184,7 +184,7 @@ def init_adapter_tensors(config: AdapterConfig, weight_shape, rng: np.random.Gen
 
 # --------------------------------------------------------------------------- one adapter
 
-class Adapter:
+class Adapter(AdapterTensors):
     """One adapter's Vars on one layer, with its alpha and dropout settings.
 
     A plain object on purpose: Jittor's module traversal does not see it (see module docstring).
@@ -200,18 +200,6 @@ class Adapter:
         self.input_dropout = input_dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
-
-    @property
-    def rank(self) -> Optional[int]:
-        return rank_of(self.kind, self.tensors)
-
-    @property
-    def scale(self) -> float:
-        return scale_of(self.alpha, self.rank)
-
-    @property
-    def uses_dora(self) -> bool:
-        return "magnitude" in self.tensors
 
     @property
     def low_rank_path(self) -> bool:

@@ -43,8 +43,29 @@ class LoraError(ValueError):
     """A LoRA file or state dict that cannot be used as asked (names the offending keys)."""
 
 
+class AdapterTensors:
+    """What follows from an adapter's kind, tensors and alpha; shared by the file-side `ModuleLora`
+    (numpy) and the layer-side `layers.Adapter` (Jittor Vars)."""
+
+    kind: str
+    tensors: Dict[str, object]
+    alpha: Optional[float]
+
+    @property
+    def rank(self) -> Optional[int]:
+        return rank_of(self.kind, self.tensors)
+
+    @property
+    def scale(self) -> float:
+        return scale_of(self.alpha, self.rank)
+
+    @property
+    def uses_dora(self) -> bool:
+        return "magnitude" in self.tensors
+
+
 @dataclasses.dataclass
-class ModuleLora:
+class ModuleLora(AdapterTensors):
     """The adapter of one module: its kind, tensors (numpy) and alpha."""
 
     kind: str
@@ -74,18 +95,6 @@ class ModuleLora:
         if "w2" not in t and not ("w2_a" in t and "w2_b" in t):
             missing.append("w2 (or w2_a + w2_b)")
         return missing
-
-    @property
-    def rank(self) -> Optional[int]:
-        return rank_of(self.kind, self.tensors)
-
-    @property
-    def scale(self) -> float:
-        return scale_of(self.alpha, self.rank)
-
-    @property
-    def uses_dora(self) -> bool:
-        return "magnitude" in self.tensors
 
     def num_params(self) -> int:
         return int(sum(v.size for v in self.tensors.values()))

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scheduling_utils import (SchedulerConfig, SchedulerMixin, SchedulerOutput, as_number, randn_like,
-                               spaced_timesteps)
+from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, as_number, randn_like
 
 
 @dataclass
@@ -33,15 +32,6 @@ class DDIMScheduler(SchedulerMixin):
     def _check_config(self) -> None:
         super()._check_config()
         self._check_choice("prediction_type", ("epsilon", "v_prediction", "sample"))
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """Pick the `num_inference_steps` timesteps to sample with (descending int64)."""
-        T = self.config.num_train_timesteps
-        if num_inference_steps > T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} is more than num_train_timesteps={T}")
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = np.round(spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing,
-                                                   self.config.steps_offset)).astype(np.int64)
 
     def step(self, model_output, timestep, sample, noise=None, eta: float = 0.0,
              use_clipped_model_output: bool = False) -> SchedulerOutput:

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .scheduling_utils import (SchedulerConfig, SchedulerMixin, SchedulerOutput, as_number, randn_like,
-                               spaced_timesteps)
+from .scheduling_utils import SchedulerConfig, SchedulerMixin, SchedulerOutput, as_number, randn_like
 
 
 @dataclass
@@ -37,15 +36,6 @@ class DDPMScheduler(SchedulerMixin):
         super()._check_config()
         self._check_choice("prediction_type", ("epsilon", "v_prediction", "sample"))
         self._check_choice("variance_type", ("fixed_small", "fixed_small_log", "fixed_large"))
-
-    def set_timesteps(self, num_inference_steps: int) -> None:
-        """Pick the `num_inference_steps` timesteps to sample with (descending int64)."""
-        T = self.config.num_train_timesteps
-        if num_inference_steps > T:
-            raise ValueError(f"num_inference_steps={num_inference_steps} is more than num_train_timesteps={T}")
-        self.num_inference_steps = num_inference_steps
-        self.timesteps = np.round(spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing,
-                                                   self.config.steps_offset)).astype(np.int64)
 
     def previous_timestep(self, timestep: int) -> int:
         """The next timestep of the schedule (-1 after the last); t-1 before `set_timesteps`."""

@@ -367,6 +367,18 @@ class SchedulerMixin:
             return a * sample - b * model_output, a * model_output + b * sample
         raise ConfigError(f"prediction_type={kind!r} is not supported")
 
+    def set_timesteps(self, num_inference_steps: int) -> None:
+        """Pick the `num_inference_steps` timesteps to sample with (descending int64).
+
+        The discrete-timestep samplers (DDPM, DDIM) use this; sigma-based and multistep ones override it.
+        """
+        T = self.config.num_train_timesteps
+        if num_inference_steps > T:
+            raise ValueError(f"num_inference_steps={num_inference_steps} is more than num_train_timesteps={T}")
+        self.num_inference_steps = num_inference_steps
+        self.timesteps = np.round(spaced_timesteps(T, num_inference_steps, self.config.timestep_spacing,
+                                                   self.config.steps_offset)).astype(np.int64)
+
     def add_noise(self, original_samples, noise, timesteps):
         """Forward diffusion q(x_t | x0) = sqrt(a_t) x0 + sqrt(1 - a_t) noise, per sample.
 
