@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import List
 
 from ._runtime import jt
 from .models.clip_tokenizer import bytes_to_unicode

@@ -1,5 +1,4 @@
 """A LoRA made by peft + diffusers changes our whole text-to-image pipeline exactly as it changes diffusers'."""
-import numpy as np
 import pytest
 import torch
 
