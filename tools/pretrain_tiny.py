@@ -186,8 +186,11 @@ def build_tokenizer():
 
 def pretrain(out: str, seed: int = 0, data: int = 4096, vae_steps: int = 600, vae_batch: int = 16,
              vae_lr: float = 1e-3, unet_steps: int = 3000, unet_batch: int = 64, unet_lr: float = 1e-3,
-             grid: bool = True, checkpoint_every: int = 500, quiet: bool = False) -> dict:
-    """Run both phases and write the pipeline folder `out`. Returns a summary dict."""
+             grid: bool = True, checkpoint_every: int = 500, quiet: bool = False, resume: Optional[str] = None) -> dict:
+    """Run both phases and write the pipeline folder `out`. Returns a summary dict.
+
+    resume: a pipeline folder to start from; its VAE is kept as is (no VAE phase) and its UNet and
+    text encoder train on (fresh AdamW state)."""
     from jdiffusion_lora.models.autoencoder_kl import AutoencoderKL
     from jdiffusion_lora.models.clip import CLIPTextModel
     from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionModel
@@ -204,7 +207,7 @@ def pretrain(out: str, seed: int = 0, data: int = 4096, vae_steps: int = 600, va
         if not quiet:
             print(line, flush=True)
 
-    settings = dict(seed=seed, data=data, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr,
+    settings = dict(resume=resume, seed=seed, data=data, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr,
                     unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr)
     log("settings " + json.dumps(settings, sort_keys=True))
     jt.set_global_seed(seed)
@@ -213,15 +216,22 @@ def pretrain(out: str, seed: int = 0, data: int = 4096, vae_steps: int = 600, va
     images_u8, captions, _ = tiny_data.make_dataset(data, seed)
     images = (images_u8.astype(np.float32) / 127.5 - 1.0).transpose(0, 3, 1, 2).copy()   # (N, 3, 64, 64)
 
-    vae = AutoencoderKL.from_config(dict(VAE_CONFIG))
-    unet = UNet2DConditionModel.from_config(dict(UNET_CONFIG))
-    text_encoder = CLIPTextModel.from_config(dict(TEXT_CONFIG))
+    if resume:
+        vae = AutoencoderKL.from_pretrained(os.path.join(resume, "vae"))
+        unet = UNet2DConditionModel.from_pretrained(os.path.join(resume, "unet"))
+        text_encoder = CLIPTextModel.from_pretrained(os.path.join(resume, "text_encoder"))
+    else:
+        vae = AutoencoderKL.from_config(dict(VAE_CONFIG))
+        unet = UNet2DConditionModel.from_config(dict(UNET_CONFIG))
+        text_encoder = CLIPTextModel.from_config(dict(TEXT_CONFIG))
     tokenizer = build_tokenizer()
 
-    train_vae(vae, images, vae_steps, vae_batch, vae_lr, rng, log)
+    if not resume:
+        train_vae(vae, images, vae_steps, vae_batch, vae_lr, rng, log)
     latents = encode_latents(vae, images)
     std = float(latents.std())
-    vae.config.scaling_factor = float(f"{1.0 / std:.5f}")
+    if not resume:
+        vae.config.scaling_factor = float(f"{1.0 / std:.5f}")
     latents = latents * np.float32(vae.config.scaling_factor)
     log(f"latent std {std:.5f} -> scaling_factor {vae.config.scaling_factor}")
 
@@ -279,6 +289,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--unet-lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=int, default=500, help="save the pipeline every N UNet steps (0: never)")
+    p.add_argument("--resume", help="pipeline folder to continue from (keeps its VAE, trains UNet + text encoder on)")
     p.add_argument("--no-grid", action="store_true", help="skip the sample grid")
     p.add_argument("--finalize", action="store_true",
                    help="do not train: write SHA256SUMS and samples.png for the checkpoint already in --out")
@@ -287,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(json.dumps(finalize(a.out), indent=1))
         return 0
     summary = pretrain(a.out, a.seed, a.data, a.vae_steps, a.vae_batch, a.vae_lr, a.unet_steps, a.unet_batch,
-                       a.unet_lr, grid=not a.no_grid, checkpoint_every=a.checkpoint_every)
+                       a.unet_lr, grid=not a.no_grid, checkpoint_every=a.checkpoint_every, resume=a.resume)
     print(json.dumps(summary, indent=1))
     return 0
 
