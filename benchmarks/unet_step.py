@@ -95,14 +95,17 @@ def main():
     params = [p for p in ours.parameters()]
 
     def jt_fwd_bwd():
+        # every parameter gets its gradient, as in diffusers' backward
         loss = ours(xj, tj, cj).sample.sqr().mean()
         grads = jt.grad(loss, params)
         jt.sync(grads)
 
-    ours.eval()
-    ref.eval()
     rows = []
     for name, tf, jf in (("forward", torch_fwd, jt_fwd), ("forward+backward", torch_fwd_bwd, jt_fwd_bwd)):
+        # Jittor's eval() also stop-grads every parameter, so the backward pass needs train mode
+        # (both configs have dropout 0: train and eval compute the same thing).
+        for model in (ours, ref):
+            model.train() if name == "forward+backward" else model.eval()
         j_first, t_med, j_med = timed_pair(tf, jf, args.repeats)
         rows.append((name, t_med, j_med, j_first))
     n_params = sum(p.numel() for p in ref.parameters())
