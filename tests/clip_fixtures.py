@@ -12,6 +12,8 @@ import os
 import re
 from typing import Dict, List, Tuple
 
+from jdiffusion_lora.models.clip_tokenizer import bytes_to_unicode
+
 CORPUS = """
 A photograph of an astronaut riding a horse on the moon, highly detailed, 4k, trending on artstation.
 A beautiful painting of a castle in the mountains at sunset, oil on canvas, by a famous artist.
@@ -24,20 +26,6 @@ An old man reading a book in the library, warm light, detailed face, photorealis
 A futuristic city at night with neon lights and flying cars, cyberpunk style, rain, reflections.
 Naïve über Ångström señor jalapeño, the photo of the dog and the cat and the horse and the house.
 """
-
-
-def bytes_to_unicode() -> Dict[int, str]:
-    """GPT-2 / CLIP byte -> printable unicode character table."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
 
 
 def learn_merges(text: str, num_merges: int) -> List[Tuple[str, str]]:

@@ -17,3 +17,21 @@ def to_numpy(x):
     elif hasattr(x, "numpy"):
         x = x.numpy()
     return np.asarray(x)
+
+
+def randomize(model, seed=0):
+    """Replace every parameter of a torch model: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1),
+    biases ~ N(0, 0.1). Library inits leave norm biases 0 and scales 1 (and some layers zero); random
+    values make sure every parameter really reaches the computation. Returns the model in eval mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p[0].numel()))
+            elif name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()

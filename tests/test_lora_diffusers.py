@@ -24,7 +24,7 @@ from jdiffusion_lora.lora import (AdapterConfig, LoraError, LoraLoaderMixin, Mod
 from jdiffusion_lora.models.clip import CLIPTextModel
 from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionModel
 
-from helpers import max_abs_diff
+from helpers import max_abs_diff, randomize
 
 TOL = 1e-4
 UNET = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
@@ -56,19 +56,6 @@ def transformers_peft_allowed():
 def _peft_allowed():
     with transformers_peft_allowed():
         yield
-
-
-def randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def build_diffusers_lora_file(unet, text_encoder, folder, *, rank=4, alpha=8, seed=0, unet_targets=UNET_TARGETS,

@@ -17,7 +17,7 @@ from jdiffusion_lora.models.modeling import ConfigError
 from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 from jdiffusion_lora.weights import WeightsError
 
-from helpers import max_abs_diff, to_numpy
+from helpers import max_abs_diff, randomize, to_numpy
 
 TOL = 1e-4
 
@@ -30,24 +30,6 @@ SD2 = dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=
            attention_head_dim=(2, 4, 4), use_linear_projection=True, upcast_attention=True, act_fn="silu",
            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), sample_size=16)
-
-
-def randomize(model, seed=0):
-    """Replace every parameter: matrices ~ N(0, 1/fan_in), norm scales ~ 1 + N(0, 0.1), biases ~ N(0, 0.1).
-
-    diffusers initialises norm biases to 0 and scales to 1; random values make sure every
-    parameter really reaches the computation.
-    """
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p[0].numel()))
-            elif name.endswith("weight"):
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
 
 
 def reference(model, sample, timestep, context, mask=None):
