@@ -217,6 +217,14 @@ class Transformer2DModel(nn.Module):
 
 # --------------------------------------------------------------------------- U-Net blocks
 
+def transformer_stack(num_layers: int, channels: int, heads: int, transformer_layers: int, cross_attention_dim: int,
+                      groups: int, use_linear_projection: bool, upcast_attention: bool) -> "nn.ModuleList":
+    """The `attentions` list of a cross-attention block: one Transformer2DModel per ResNet block."""
+    return nn.ModuleList([
+        Transformer2DModel(heads, channels // heads, channels, transformer_layers, cross_attention_dim, groups,
+                           use_linear_projection, upcast_attention)
+        for _ in range(num_layers)])
+
 class DownBlock2D(nn.Module):
     """ResNet blocks, then an optional stride-2 conv. Returns the output and every skip tensor."""
     has_cross_attention = False
@@ -255,10 +263,8 @@ class CrossAttnDownBlock2D(DownBlock2D):
                  upcast_attention: bool):
         super().__init__(in_channels, out_channels, temb_channels, num_layers, eps, act_fn, groups, dropout,
                          add_downsample, downsample_padding)
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(heads, out_channels // heads, out_channels, transformer_layers, cross_attention_dim,
-                               groups, use_linear_projection, upcast_attention)
-            for _ in range(num_layers)])
+        self.attentions = transformer_stack(num_layers, out_channels, heads, transformer_layers, cross_attention_dim,
+                                            groups, use_linear_projection, upcast_attention)
 
     def _attend(self, i, x, context, context_mask):
         return self.attentions[i](x, context, context_mask)
@@ -303,10 +309,8 @@ class CrossAttnUpBlock2D(UpBlock2D):
                  upcast_attention: bool):
         super().__init__(in_channels, prev_output_channel, out_channels, temb_channels, num_layers, eps, act_fn,
                          groups, dropout, add_upsample)
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(heads, out_channels // heads, out_channels, transformer_layers, cross_attention_dim,
-                               groups, use_linear_projection, upcast_attention)
-            for _ in range(num_layers)])
+        self.attentions = transformer_stack(num_layers, out_channels, heads, transformer_layers, cross_attention_dim,
+                                            groups, use_linear_projection, upcast_attention)
 
     def _attend(self, i, x, context, context_mask):
         return self.attentions[i](x, context, context_mask)
@@ -322,10 +326,8 @@ class UNetMidBlock2DCrossAttn(nn.Module):
             ResnetBlock2D(channels, channels, temb_channels, groups=groups, eps=eps, act_fn=act_fn, dropout=dropout,
                           output_scale_factor=output_scale_factor)
             for _ in range(num_layers + 1)])
-        self.attentions = nn.ModuleList([
-            Transformer2DModel(heads, channels // heads, channels, transformer_layers, cross_attention_dim, groups,
-                               use_linear_projection, upcast_attention)
-            for _ in range(num_layers)])
+        self.attentions = transformer_stack(num_layers, channels, heads, transformer_layers, cross_attention_dim,
+                                            groups, use_linear_projection, upcast_attention)
 
     def execute(self, x, temb, context, context_mask=None):
         x = self.resnets[0](x, temb)
