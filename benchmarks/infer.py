@@ -22,7 +22,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-# "small": a bigger random UNet than the built-in tiny model (SD-2-like layout, 32x32 latents = 256 px)
+# "small": a bigger random UNet than the random tiny model (SD-2-like layout, 32x32 latents = 256 px)
 SMALL_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[64, 128, 128],
                   down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
                   up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=64,
@@ -30,12 +30,12 @@ SMALL_UNET = dict(sample_size=32, in_channels=4, out_channels=4, layers_per_bloc
 
 
 def build_model(config: str, folder: str) -> str:
-    """A model folder for the benchmark: the built-in tiny model, or it with the "small" UNet."""
+    """A model folder for the benchmark: the random tiny model, or it with the "small" UNet."""
     import jdiffusion_lora  # noqa: F401
-    from jdiffusion_lora.tiny import build_tiny_pipeline, tiny_model_path
+    from jdiffusion_lora.tiny import build_tiny_pipeline, random_tiny_model_path
 
     if config == "tiny":
-        return tiny_model_path()
+        return random_tiny_model_path()
     from jdiffusion_lora._runtime import jt
     from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionModel
 

@@ -1,9 +1,12 @@
-"""A tiny built-in Stable Diffusion model, so every command has a default that runs in seconds.
+"""The built-in tiny Stable Diffusion models, so every command has a default that runs in seconds.
 
-`tiny_model_path()` returns a diffusers-layout folder with a small UNet, VAE and CLIP text
-encoder. The folder is built on first use into the user cache, deterministically from a seed,
-with a byte-level CLIP vocabulary (no merges) that needs no download. The weights are random:
-it exercises the machinery, it does not draw anything meaningful.
+`tiny_model_path()`: the pretrained one shipped in the package (`assets/tiny-sd`, trained by
+`tools/pretrain_tiny.py` on procedural coloured shapes: "a red circle on a blue background", 64x64
+pixels, CLIP's real vocabulary). It is the default base model of every command.
+
+`random_tiny_model_path()`: random weights from fixed configs and a seed, built on first use into the
+user cache, with a byte-level CLIP vocabulary (no merges). It exercises the machinery and draws
+noise; tests and benchmarks use it where only the numbers matter.
 """
 from __future__ import annotations
 
@@ -85,8 +88,19 @@ def build_tiny_pipeline(seed: int = TINY_SEED):
                                    scheduler=scheduler)
 
 
+PRETRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tiny-sd")
+
+
 def tiny_model_path() -> str:
-    """Folder of the built-in model, built on first call (cached under ~/.cache/jdiffusion_lora)."""
+    """Folder of the shipped pretrained tiny model (diffusers layout, read-only)."""
+    if not os.path.isfile(os.path.join(PRETRAINED, "model_index.json")):
+        raise FileNotFoundError(f"the built-in model is missing from the installed package ({PRETRAINED}); "
+                                "reinstall jdiffusion-lora or pass a model folder")
+    return PRETRAINED
+
+
+def random_tiny_model_path() -> str:
+    """Folder of the random tiny model, built on first call (cached under ~/.cache/jdiffusion_lora)."""
     root = os.environ.get("JDIFFUSION_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "jdiffusion_lora"))
     folder = os.path.join(root, f"tiny-sd-{TINY_VERSION}")
     if not os.path.isfile(os.path.join(folder, "model_index.json")):

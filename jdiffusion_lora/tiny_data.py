@@ -39,21 +39,7 @@ def caption(colour: str, shape: str, background: str) -> str:
 def render(colour: str, shape: str, background: str, cx: float = 32.0, cy: float = 32.0,
            radius: float = 20.0) -> np.ndarray:
     """Draw one image -> (64, 64, 3) uint8. `radius` is the half-width of the shape."""
-    image = Image.new("RGB", (SIZE, SIZE), COLOURS[background])
-    draw = ImageDraw.Draw(image)
-    fill = COLOURS[colour]
-    if shape == "circle":
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-    elif shape == "square":
-        r = radius * 0.85
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-    elif shape == "triangle":
-        # Centroid below the middle so the centre patch stays inside: apex up, base down.
-        top, base = cy - radius * 1.05, cy + radius * 0.75
-        draw.polygon([(cx, top), (cx - radius * 1.1, base), (cx + radius * 1.1, base)], fill=fill)
-    else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
-    return np.asarray(image, dtype=np.uint8)
+    return render_free(COLOURS[colour], COLOURS[background], shape, cx=cx, cy=cy, radius=radius)
 
 
 def sample_item(rng: np.random.Generator) -> Tuple[np.ndarray, str, dict]:
@@ -99,3 +85,42 @@ def region_colours(image) -> Tuple[str, str]:
 def matches(image, colour: str, background: str) -> bool:
     """The pixel check: the centre shows `colour` and the corners show `background`."""
     return region_colours(image) == (colour, background)
+
+
+def render_free(fill, background, shape: str, outline: int = 0, stripes=None, cx: float = 32.0, cy: float = 32.0,
+                radius: float = 20.0, size: int = SIZE) -> np.ndarray:
+    """A shape in any RGB colours: filled, or only its outline `outline` pixels wide, on a flat background
+    or one with horizontal `stripes` = (colour, band height) -> (size, size, 3) uint8."""
+    image = Image.new("RGB", (size, size), tuple(background))
+    draw = ImageDraw.Draw(image)
+    if stripes is not None:
+        colour, band = stripes
+        for y in range(0, size, 2 * band):
+            draw.rectangle([0, y, size - 1, y + band - 1], fill=tuple(colour))
+    kw = dict(outline=tuple(fill), width=outline, fill=None) if outline else dict(fill=tuple(fill))
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], **kw)
+    elif shape == "square":
+        r = radius * 0.85
+        draw.rectangle([cx - r, cy - r, cx + r, cy + r], **kw)
+    elif shape == "triangle":
+        top, base = cy - radius * 1.05, cy + radius * 0.75
+        draw.polygon([(cx, top), (cx - radius * 1.1, base), (cx + radius * 1.1, base)], **kw)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    return np.asarray(image, dtype=np.uint8)
+
+
+def make_colour_dataset(n: int, seed: int = 0) -> np.ndarray:
+    """`n` uncaptioned images in arbitrary colours (uniform RGB), half of them outlines, a third on stripes:
+    (n, 64, 64, 3) uint8. Teaches the VAE's decoder colours and looks beyond the six of the captioned set."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        fill, background, stripe = (rng.integers(0, 256, size=3) for _ in range(3))
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        outline = int(rng.integers(2, 7)) if rng.random() < 0.5 else 0
+        stripes = (stripe, int(rng.integers(3, 10))) if rng.random() < 1 / 3 else None
+        cx, cy = 32 + rng.uniform(-6, 6), 32 + rng.uniform(-6, 6)
+        out.append(render_free(fill, background, shape, outline, stripes, cx, cy, rng.uniform(12, 24)))
+    return np.stack(out)

@@ -28,7 +28,7 @@ def make_dataset(root: str, prompts=PROMPTS) -> str:
 
 
 def write_tiny_lora(path: str, width: int = 64, rank: int = 4, seed: int = 0) -> str:
-    """A diffusers/PEFT-format LoRA on the built-in tiny UNet's first cross-attention (context width `width`;
+    """A diffusers/PEFT-format LoRA on the random tiny UNet's first cross-attention (context width `width`;
     any other width makes it a LoRA for another base model)."""
     from jdiffusion_lora.weights import save_safetensors
 

@@ -1,5 +1,5 @@
 """Batch generation: prompts, seeds, exact bytes whatever the batch size / workers / interruptions, resume,
-bad input. Runs the built-in tiny model with 2 steps."""
+bad input. Runs the random tiny model (`random_tiny_model_path`) with 2 steps."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ from jdiffusion_lora.generate import (GenerateSettings, LoraSpec, PlanError, bui
                                       read_inputs, read_manifest, render, run_job, unescape_stem, without_timing)
 from jdiffusion_lora.generate.runner import generate_items, job_description, load_pipeline
 from jdiffusion_lora.lora import LoraError
-from jdiffusion_lora.tiny import tiny_model_path
+from jdiffusion_lora.tiny import random_tiny_model_path
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 2
@@ -36,7 +36,7 @@ def _items(data, **kw):
 
 
 def _settings(lora=None, **kw):
-    return GenerateSettings(model=tiny_model_path(), loras=[LoraSpec(lora, 0.8)] if lora else [], steps=STEPS, **kw)
+    return GenerateSettings(model=random_tiny_model_path(), loras=[LoraSpec(lora, 0.8)] if lora else [], steps=STEPS, **kw)
 
 
 def _files(folder):
@@ -213,8 +213,10 @@ def test_resume_after_interrupt(tmp_path, data, lora, reference):
 
 
 def _cli(script, *args, env=None):
+    """Run a generation script on the random tiny model (the test LoRAs are made for it, not the default model)."""
     e = dict(os.environ, **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=REPO, env=e,
+    return subprocess.run([sys.executable, os.path.join(REPO, script), "--model", random_tiny_model_path(), *args],
+                          cwd=REPO, env=e,
                           capture_output=True, text=True, timeout=300)
 
 

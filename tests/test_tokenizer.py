@@ -155,3 +155,18 @@ def test_building_blocks():
     assert pre_tokenize("<|endoftext|>!") == ["<|", "endoftext", "|>", "!"]
     with pytest.raises(FileNotFoundError):
         CLIPTokenizer.from_pretrained("/nonexistent/folder")
+
+
+def test_shipped_real_clip_vocabulary():
+    """The built-in model's tokenizer is CLIP's real 49408-token vocabulary (tools/clip_vocab.py): the ids
+    every CLIP user knows, and transformers reads the same folder to the same ids on every TRICKY text."""
+    from jdiffusion_lora.tiny import tiny_model_path
+
+    folder = os.path.join(tiny_model_path(), "tokenizer")
+    ours = CLIPTokenizer.from_pretrained(folder)
+    ref = transformers.CLIPTokenizer.from_pretrained(folder)
+    assert len(ours.encoder) == 49408 and (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (49406, 49407, 49407)
+    assert ours.encode("a photo of a cat") == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert ours.encode("a red circle on a blue background")[1:-1] == [320, 736, 7117, 525, 320, 1746, 5994]
+    for text in TRICKY:
+        assert ours.encode(text) == ref(text)["input_ids"], text

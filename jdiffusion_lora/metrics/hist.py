@@ -27,6 +27,8 @@ RGB_BINS = 16
 HUE_EDGES_DEG = np.array([20, 40, 75, 155, 190, 270, 295, 315], dtype=np.float64)
 SV_EDGES = np.array([0.2, 0.7], dtype=np.float64)
 HSV_BINS = 72
+# np.finfo(np.float64).eps, written out: np.finfo warns about subnormals once Jittor has set flush-to-zero.
+FLOAT64_EPS = 2.220446049250313e-16
 
 # OpenCV's fixed-point tables for 8-bit RGB -> HSV (imgproc/src/color_hsv.simd.hpp).
 _HSV_SHIFT = 12
@@ -109,7 +111,7 @@ def compare_correl(h1: np.ndarray, h2: np.ndarray) -> float:
     s1, s2 = a.sum(), b.sum()
     num = (a * b).sum() - s1 * s2 / n
     denom2 = ((a * a).sum() - s1 * s1 / n) * ((b * b).sum() - s2 * s2 / n)
-    return float(num / np.sqrt(denom2)) if abs(denom2) > np.finfo(np.float64).eps else 1.0
+    return float(num / np.sqrt(denom2)) if abs(denom2) > FLOAT64_EPS else 1.0
 
 
 def image_histograms(image) -> Tuple[np.ndarray, np.ndarray]:
