@@ -39,6 +39,10 @@ def test_train_sh_runs_end_to_end(tmp_path):
         assert line in text
         assert os.path.isfile(line.split(":", 1)[1].split("(")[0].strip())
     assert sorted(os.listdir(out / "checkpoints")) == ["checkpoint-000002", "checkpoint-000003", "latest"]
+    # the demo config ends with the before/after report on the built-in model
+    assert "LoRA with trigger vs base model" in text
+    assert f"side by side: {out / 'before_after.png'}" in text
+    assert os.path.isfile(out / "before_after.png") and os.path.isfile(out / "before_after.json")
 
 
 def test_train_pack_sh_dry_run():

@@ -214,12 +214,12 @@ def test_signal_saves_a_resumable_checkpoint(tmp_path):
 
 def test_samples_curve_validation_and_formats(tmp_path):
     c = config(tmp_path, max_train_steps=2, sample_every=2, sample_steps=2, save_formats=["diffusers", "kohya"],
-               validation_images=["00/ball.png"], validation_every=1, tensorboard=True, cache_latents="disk")
+               validation_images=["00/circle.png"], validation_every=1, tensorboard=True, cache_latents="disk")
     t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
     result = t.run()
     assert [os.path.basename(p) for p in result.lora_files] == ["pytorch_lora_weights.safetensors",
                                                                "lora_kohya.safetensors"]
-    assert "ball" not in [r.stem for r in t.records]
+    assert "circle" not in [r.stem for r in t.records]
     from PIL import Image
     grid = Image.open(result.samples[0])
     assert grid.size[0] >= 32 and os.path.basename(result.samples[0]) == "step_000002.png"
@@ -241,7 +241,7 @@ def test_samples_curve_validation_and_formats(tmp_path):
     assert len(cache_files) == 5   # 2 training images x (flipped, not flipped) + the validation image
     # a rerun finds every latent on disk
     again = Trainer(config(tmp_path / "again", cache_latents="disk", cache_dir=os.path.join(c.output_dir, "cache"),
-                           max_train_steps=1, validation_images=["00/ball.png"]),
+                           max_train_steps=1, validation_images=["00/circle.png"]),
                     pipeline=tiny_pipeline(), printer=lambda s: None)
     again.run()
     assert again.latent_cache.misses == 0 and again.latent_cache.hits > 0

@@ -11,85 +11,48 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 
 from PIL import Image, ImageDraw
 
+# Three looks the built-in tiny model (flat primary-coloured shapes on flat backgrounds, 64x64) has never
+# seen, each in a palette of its own, so a LoRA's effect shows in the pictures and in the hist score.
+# Every channel value is the centre of one of hist's 16-level RGB bins (8 mod 16) and every colour sits
+# well inside its HSV bin, so a few levels of error from the tiny VAE do not move a colour to another bin.
 STYLES = {
-    "00": {"tags": "purple, lineart, dark_background",
-           "background": (18, 12, 28), "ink": (186, 110, 255), "fill": None, "pixel": 1},
+    "00": {"tags": "purple_ink, outline, night_background",
+           "background": (56, 40, 104), "ink": (200, 104, 248), "fill": None, "stripes": None},
     "01": {"tags": "pastel, flat_colors, cream_background",
-           "background": (250, 240, 220), "ink": (120, 90, 80), "fill": (255, 170, 180), "pixel": 1},
-    "02": {"tags": "pixel_art, green, checkerboard",
-           "background": (30, 60, 30), "ink": (10, 20, 10), "fill": (120, 220, 90), "pixel": 8},
+           "background": (248, 216, 184), "ink": (152, 88, 72), "fill": (248, 152, 184), "stripes": None},
+    "02": {"tags": "stripes, green, two_tone",
+           "background": (40, 88, 56), "ink": None, "fill": (168, 232, 104), "stripes": (88, 152, 72)},
 }
-OBJECTS = {
-    "00": [("ball", "circle, round"), ("mountain", "triangle, peak"), ("box", "square, container")],
-    "01": [("star", "star, five_points"), ("house", "building, roof"), ("moon", "crescent, night")],
-    "02": [("tree", "plant, trunk"), ("fish", "animal, water"), ("key", "metal, tool")],
-}
-PROMPTS = ["Cat", "Boat", "Cup", "Flower", "Bird"]
+# Every style draws the three shapes, named as the base model knows them; the values are the item tags.
+OBJECTS = [("circle", "round"), ("square", "box"), ("triangle", "peak")]
+# What to generate in each style: the same shapes (prompts the built-in model understands).
+PROMPTS = [name for name, _ in OBJECTS]
 
 
-def shape_points(name: str, s: float):
-    c = s / 2
-    if name in ("ball", "moon"):
-        return ("ellipse", [c - 0.32 * s, c - 0.32 * s, c + 0.32 * s, c + 0.32 * s])
-    if name == "mountain":
-        return ("polygon", [(0.12 * s, 0.82 * s), (0.5 * s, 0.16 * s), (0.88 * s, 0.82 * s)])
-    if name == "box":
-        return ("polygon", [(0.2 * s, 0.2 * s), (0.8 * s, 0.2 * s), (0.8 * s, 0.8 * s), (0.2 * s, 0.8 * s)])
-    if name == "star":
-        pts = []
-        for k in range(10):
-            r = (0.38 if k % 2 == 0 else 0.16) * s
-            a = -math.pi / 2 + k * math.pi / 5
-            pts.append((c + r * math.cos(a), c + r * math.sin(a)))
-        return ("polygon", pts)
-    if name == "house":
-        return ("polygon", [(0.2 * s, 0.85 * s), (0.2 * s, 0.45 * s), (0.5 * s, 0.15 * s), (0.8 * s, 0.45 * s),
-                            (0.8 * s, 0.85 * s)])
-    if name == "tree":
-        return ("polygon", [(0.5 * s, 0.1 * s), (0.8 * s, 0.65 * s), (0.56 * s, 0.65 * s), (0.56 * s, 0.9 * s),
-                            (0.44 * s, 0.9 * s), (0.44 * s, 0.65 * s), (0.2 * s, 0.65 * s)])
-    if name == "fish":
-        return ("polygon", [(0.15 * s, 0.5 * s), (0.45 * s, 0.3 * s), (0.7 * s, 0.45 * s), (0.88 * s, 0.3 * s),
-                            (0.88 * s, 0.7 * s), (0.7 * s, 0.55 * s), (0.45 * s, 0.7 * s)])
-    if name == "key":
-        return ("polygon", [(0.15 * s, 0.4 * s), (0.35 * s, 0.4 * s), (0.35 * s, 0.46 * s), (0.85 * s, 0.46 * s),
-                            (0.85 * s, 0.62 * s), (0.75 * s, 0.62 * s), (0.75 * s, 0.54 * s), (0.35 * s, 0.54 * s),
-                            (0.35 * s, 0.6 * s), (0.15 * s, 0.6 * s)])
-    raise KeyError(name)
-
-
-def draw(style: dict, obj: str, size: int) -> Image.Image:
-    px = style["pixel"]
-    small = max(8, size // px)
-    img = Image.new("RGB", (small, small), style["background"])
+def draw(style: dict, shape: str, size: int) -> Image.Image:
+    """One style image: `shape` centred, radius 0.3 * size, in the style's fill / outline / stripes."""
+    img = Image.new("RGB", (size, size), style["background"])
     d = ImageDraw.Draw(img)
-    if px > 1:  # checkerboard background
-        for y in range(0, small, 2):
-            for x in range((y // 2) % 2 * 2, small, 4):
-                d.rectangle([x, y, x + 1, y + 1], fill=tuple(min(255, v + 25) for v in style["background"]))
-    kind, geom = shape_points(obj, small)
-    width = max(1, small // 40)
-    if obj == "moon":
-        d.ellipse(geom, fill=style["fill"], outline=style["ink"], width=width)
-        x0, y0, x1, y1 = geom
-        off = 0.22 * small
-        d.ellipse([x0 + off, y0 - off / 2, x1 + off, y1 - off / 2], fill=style["background"])
-    elif kind == "ellipse":
-        d.ellipse(geom, fill=style["fill"], outline=style["ink"], width=width * (2 if style["fill"] is None else 1))
+    if style["stripes"]:
+        band = size // 8
+        for y in range(0, size, 2 * band):
+            d.rectangle([0, y, size - 1, y + band - 1], fill=style["stripes"])
+    c, r = size / 2, 0.3 * size
+    width = max(1, round(0.06 * size)) if style["ink"] else 0
+    kw = dict(fill=style["fill"], outline=style["ink"], width=width)
+    if shape == "circle":
+        d.ellipse([c - r, c - r, c + r, c + r], **kw)
+    elif shape == "square":
+        d.rectangle([c - 0.85 * r, c - 0.85 * r, c + 0.85 * r, c + 0.85 * r], **kw)
+    elif shape == "triangle":
+        d.polygon([(c, c - 1.05 * r), (c - 1.1 * r, c + 0.75 * r), (c + 1.1 * r, c + 0.75 * r)], **kw)
     else:
-        if style["fill"] is not None:
-            d.polygon(geom, fill=style["fill"])
-        d.line(list(geom) + [geom[0]], fill=style["ink"], width=width * (2 if style["fill"] is None else 1))
-    if style["fill"] is None:  # lineart: a few hatching strokes
-        for k in range(3):
-            y = small * (0.88 + 0.03 * k)
-            d.line([(small * 0.2, y), (small * 0.8, y)], fill=style["ink"], width=1)
-    return img.resize((size, size), Image.NEAREST) if px > 1 else img
+        raise KeyError(shape)
+    return img
 
 
 def png(img: Image.Image) -> bytes:
@@ -108,7 +71,7 @@ def main(argv=None) -> int:
         folder = os.path.join(args.out, sid)
         os.makedirs(os.path.join(folder, "images"), exist_ok=True)
         items = {}
-        for obj, tags in OBJECTS[sid]:
+        for obj, tags in OBJECTS:
             with open(os.path.join(folder, "images", f"{obj}.png"), "wb") as f:
                 f.write(png(draw(style, obj, args.size)))
             items[obj] = tags

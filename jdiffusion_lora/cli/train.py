@@ -63,6 +63,10 @@ def run(args) -> int:
           (f", TensorBoard logs in {config.output_dir}/tensorboard" if config.tensorboard else ""))
     if result.stopped == "signal":
         return 128 + int(result.signal or signal.SIGINT)
+    if config.before_after and result.lora_files:
+        from ..train.compare import run_before_after
+        print()
+        run_before_after(config, result.lora_files)
     return 0
 
 

@@ -141,6 +141,10 @@ class TrainConfig:
     # metrics logged as score/<name>; hist needs no weights, the others need score_weights.
     sample_scores: List[str] = field(default_factory=lambda: ["hist"])
     score_weights: str = ""               # folder of scorer networks (see metrics/evaluate.py)
+    # After training: each style's prompts from the base model, and with the LoRA without and with the
+    # trigger, scored with hist; prints a table and writes before_after.png / .json (train/compare.py).
+    before_after: bool = False
+    before_after_prompts: int = 0         # prompts per style; 0 = all of prompt.json
     validation_every: int = 0             # steps; 0 = off
     validation_images: List[str] = field(default_factory=list)  # held out: "<style>/<file name>"
     validation_seed: int = 0
