@@ -53,4 +53,7 @@ def test_train_pack_sh_dry_run():
     assert "rank 12" in proc.stdout
     for style in ("00", "01", "02"):
         captions = [line for line in proc.stdout.splitlines() if line.strip().startswith(f"{style}/")]
-        assert len(captions) == 3 and all(f": style_{style}," in line for line in captions)
+        assert len(captions) == 3
+        # the pack config drops 20% of captions (shown empty); every other one starts with the style's trigger
+        assert all(f": style_{style}," in line or line.rstrip().endswith(":") for line in captions)
+    assert sum(line.rstrip().endswith(":") for line in proc.stdout.splitlines() if "png" in line) < 9
