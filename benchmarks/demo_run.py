@@ -60,9 +60,9 @@ def main(argv=None) -> int:
                 shutil.rmtree(home, ignore_errors=True)
         print(f"{script}: {rows[-1]['wall_s']:.0f} s", flush=True)
     print(f"\nkernel cache: {'cold (fresh HOME)' if a.cold else 'as found'}; {os.cpu_count()} CPU(s)")
-    print(f"{'command':<16}{'wall':>9}{'steps':>7}{'it/s':>7}{'hist base':>11}{'no trigger':>12}{'LoRA':>8}")
+    print(f"{'command':<20}{'wall':>9}{'steps':>7}{'it/s':>7}{'hist base':>11}{'no trigger':>12}{'LoRA':>8}")
     for r in rows:
-        print(f"{'bash ' + r['demo']:<16}{r['wall_s'] / 60:>7.1f}min{r['steps']:>6}{r['it_per_s']:>7.2f}"
+        print(f"{'bash ' + r['demo']:<20}{r['wall_s'] / 60:>7.1f}min{r['steps']:>6}{r['it_per_s']:>7.2f}"
               f"{r['base']:>11.3f}{r['no_trigger']:>12.3f}{r['lora']:>8.3f}")
     for r in rows:
         print(f"  {r['demo']}: {r['png']}")

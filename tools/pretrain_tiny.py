@@ -376,9 +376,7 @@ def finalize(out: str) -> dict:
     """Write SHA256SUMS and samples.png for a folder saved by a (possibly interrupted) run's checkpoint."""
     from jdiffusion_lora.pipelines.stable_diffusion import StableDiffusionPipeline
 
-    sums = write_sha256sums(out)
-    rate = sample_grid(StableDiffusionPipeline.from_pretrained(out), os.path.join(out, "samples.png"))
-    return {"sha256": sums, "grid_pixel_check": rate}
+    return save_and_report(StableDiffusionPipeline.from_pretrained(out), out, True, print)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
