@@ -82,7 +82,7 @@ def before_after(c: TrainConfig, lora: str, pipe=None, limit: int = 0,
     for i, (style, obj, _, _) in enumerate(jobs):
         refs = references[style.name]
         tiles.append(refs[i % len(refs)].resize(images["base"][i].size))
-        labels.append(f"{style.name} {obj}: reference")
+        labels.append(f"style {style.name}: {obj}")
         for col in COLUMNS:
             tiles.append(images[col][i])
             labels.append(f"{col} hist {scores[col][i]:+.2f}")
