@@ -6,7 +6,7 @@
 
 Each demo trains a LoRA on the built-in tiny model, generates the demo prompts before and after and
 scores them with hist (see train/compare.py). The table gives the wall time of the whole command,
-the seconds spent in training steps (from its metrics.jsonl) and the before/after hist means. The
+its training steps and speed (from its metrics.jsonl) and the before/after hist means. The
 target of issue 7 is under 10 minutes per demo on 2 CPU cores on a fresh machine after install.
 """
 from __future__ import annotations

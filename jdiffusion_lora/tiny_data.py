@@ -39,7 +39,7 @@ def caption(colour: str, shape: str, background: str) -> str:
 def render(colour: str, shape: str, background: str, cx: float = 32.0, cy: float = 32.0,
            radius: float = 20.0) -> np.ndarray:
     """Draw one image -> (64, 64, 3) uint8. `radius` is the half-width of the shape."""
-    return render_free(COLOURS[colour], COLOURS[background], shape, cx=cx, cy=cy, radius=radius)
+    return draw_shape(shape, COLOURS[background], fill=COLOURS[colour], cx=cx, cy=cy, radius=radius)
 
 
 def sample_item(rng: np.random.Generator) -> Tuple[np.ndarray, str, dict]:
@@ -87,17 +87,19 @@ def matches(image, colour: str, background: str) -> bool:
     return region_colours(image) == (colour, background)
 
 
-def render_free(fill, background, shape: str, outline: int = 0, stripes=None, cx: float = 32.0, cy: float = 32.0,
-                radius: float = 20.0, size: int = SIZE) -> np.ndarray:
-    """A shape in any RGB colours: filled, or only its outline `outline` pixels wide, on a flat background
-    or one with horizontal `stripes` = (colour, band height) -> (size, size, 3) uint8."""
+def draw_shape(shape: str, background, fill=None, outline=None, width: int = 0, stripes=None, cx: float = 32.0,
+               cy: float = 32.0, radius: float = 20.0, size: int = SIZE) -> np.ndarray:
+    """One shape in any RGB colours -> (size, size, 3) uint8: filled with `fill` and/or outlined `width` pixels
+    wide in `outline`, on a flat `background` or one with horizontal `stripes` = (colour, band height).
+    `radius` is the half-width of the shape; the triangle's centroid sits below (cx, cy), apex up."""
     image = Image.new("RGB", (size, size), tuple(background))
     draw = ImageDraw.Draw(image)
     if stripes is not None:
         colour, band = stripes
         for y in range(0, size, 2 * band):
             draw.rectangle([0, y, size - 1, y + band - 1], fill=tuple(colour))
-    kw = dict(outline=tuple(fill), width=outline, fill=None) if outline else dict(fill=tuple(fill))
+    kw = dict(fill=None if fill is None else tuple(fill), outline=None if outline is None else tuple(outline),
+              width=width)
     if shape == "circle":
         draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], **kw)
     elif shape == "square":
@@ -122,5 +124,6 @@ def make_colour_dataset(n: int, seed: int = 0) -> np.ndarray:
         outline = int(rng.integers(2, 7)) if rng.random() < 0.5 else 0
         stripes = (stripe, int(rng.integers(3, 10))) if rng.random() < 1 / 3 else None
         cx, cy = 32 + rng.uniform(-6, 6), 32 + rng.uniform(-6, 6)
-        out.append(render_free(fill, background, shape, outline, stripes, cx, cy, rng.uniform(12, 24)))
+        colours = dict(outline=fill, width=outline) if outline else dict(fill=fill)
+        out.append(draw_shape(shape, background, stripes=stripes, cx=cx, cy=cy, radius=rng.uniform(12, 24), **colours))
     return np.stack(out)

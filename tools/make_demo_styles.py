@@ -12,8 +12,13 @@ import argparse
 import io
 import json
 import os
+import sys
 
-from PIL import Image, ImageDraw
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from jdiffusion_lora.tiny_data import draw_shape  # noqa: E402
 
 # Three looks the built-in tiny model (flat primary-coloured shapes on flat backgrounds, 64x64) has never
 # seen, each in a palette of its own, so a LoRA's effect shows in the pictures and in the hist score.
@@ -35,24 +40,11 @@ PROMPTS = [name for name, _ in OBJECTS]
 
 def draw(style: dict, shape: str, size: int) -> Image.Image:
     """One style image: `shape` centred, radius 0.3 * size, in the style's fill / outline / stripes."""
-    img = Image.new("RGB", (size, size), style["background"])
-    d = ImageDraw.Draw(img)
-    if style["stripes"]:
-        band = size // 8
-        for y in range(0, size, 2 * band):
-            d.rectangle([0, y, size - 1, y + band - 1], fill=style["stripes"])
-    c, r = size / 2, 0.3 * size
+    stripes = (style["stripes"], size // 8) if style["stripes"] else None
     width = max(1, round(0.06 * size)) if style["ink"] else 0
-    kw = dict(fill=style["fill"], outline=style["ink"], width=width)
-    if shape == "circle":
-        d.ellipse([c - r, c - r, c + r, c + r], **kw)
-    elif shape == "square":
-        d.rectangle([c - 0.85 * r, c - 0.85 * r, c + 0.85 * r, c + 0.85 * r], **kw)
-    elif shape == "triangle":
-        d.polygon([(c, c - 1.05 * r), (c - 1.1 * r, c + 0.75 * r), (c + 1.1 * r, c + 0.75 * r)], **kw)
-    else:
-        raise KeyError(shape)
-    return img
+    return Image.fromarray(draw_shape(shape, style["background"], fill=style["fill"], outline=style["ink"],
+                                      width=width, stripes=stripes, cx=size / 2, cy=size / 2, radius=0.3 * size,
+                                      size=size))
 
 
 def png(img: Image.Image) -> bytes:

@@ -246,7 +246,7 @@ def pretrain(out: str, seed: int = 0, data: int = 4096, vae_steps: int = 1000, v
              vae_lr: float = 2e-3, unet_steps: int = 2600, unet_batch: int = 32, unet_lr: float = 1e-3,
              decoder_steps: int = 600, decoder_batch: int = 16, decoder_lr: float = 1e-3,
              grid: bool = True, checkpoint_every: int = 400, quiet: bool = False, resume: Optional[str] = None) -> dict:
-    """Run both phases and write the pipeline folder `out`. Returns a summary dict.
+    """Run the three phases and write the pipeline folder `out`. Returns a summary dict.
 
     resume: a pipeline folder to start from; its VAE is kept as is (no VAE phase) and its UNet and
     text encoder train on (fresh AdamW state)."""
@@ -257,14 +257,8 @@ def pretrain(out: str, seed: int = 0, data: int = 4096, vae_steps: int = 1000, v
     from jdiffusion_lora.schedulers import DDIMScheduler, DDPMScheduler
 
     os.makedirs(out, exist_ok=True)
-    lines: List[str] = []
     start = time.time()
-
-    def log(msg: str) -> None:
-        line = f"[{time.time() - start:7.1f}s] {msg}"
-        lines.append(line)
-        if not quiet:
-            print(line, flush=True)
+    log, lines = timed_log(quiet)
 
     settings = dict(resume=resume, seed=seed, data=data, vae_steps=vae_steps, vae_batch=vae_batch, vae_lr=vae_lr,
                     unet_steps=unet_steps, unet_batch=unet_batch, unet_lr=unet_lr, decoder_steps=decoder_steps,
@@ -333,6 +327,19 @@ def pretrain(out: str, seed: int = 0, data: int = 4096, vae_steps: int = 1000, v
     return summary
 
 
+def timed_log(quiet: bool):
+    """(log, lines): log(msg) keeps "[seconds since now] msg" in lines and prints it unless quiet."""
+    start = time.time()
+    lines: List[str] = []
+
+    def log(msg: str) -> None:
+        lines.append(f"[{time.time() - start:7.1f}s] {msg}")
+        if not quiet:
+            print(lines[-1], flush=True)
+
+    return log, lines
+
+
 def save_and_report(pipe, out: str, grid: bool, log) -> dict:
     """Save the pipeline (eval mode) to `out`, write SHA256SUMS and, with `grid`, samples.png."""
     for model in (pipe.unet, pipe.vae, pipe.text_encoder):
@@ -353,14 +360,7 @@ def finetune_decoder(out: str, seed: int = 0, data: int = 4096, steps: int = 600
     `decoder_steps=steps` would have written. Appends to the folder's train_log.txt."""
     from jdiffusion_lora.pipelines.stable_diffusion import StableDiffusionPipeline
 
-    start = time.time()
-    lines: List[str] = []
-
-    def log(msg: str) -> None:
-        lines.append(f"[{time.time() - start:7.1f}s] {msg}")
-        if not quiet:
-            print(lines[-1], flush=True)
-
+    log, lines = timed_log(quiet)
     log("phase 3 on the saved folder: " + json.dumps(dict(seed=seed, data=data, decoder_steps=steps,
                                                           decoder_batch=batch, decoder_lr=lr), sort_keys=True))
     pipe = StableDiffusionPipeline.from_pretrained(out)

@@ -89,7 +89,7 @@ def before_after(c: TrainConfig, lora: str, pipe=None, limit: int = 0,
     result["png"] = os.path.join(c.output_dir, "before_after.png")
     result["json"] = os.path.join(c.output_dir, "before_after.json")
     save_png(image_grid(tiles, labels, columns=1 + len(COLUMNS),
-                        title=f"reference | base model | LoRA without trigger | LoRA with trigger  (hist)"),
+                        title="reference | base model | LoRA without trigger | LoRA with trigger  (hist)"),
              result["png"])
     atomic_write_bytes(result["json"], [json.dumps(result, indent=1).encode()])
     return result
