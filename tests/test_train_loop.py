@@ -11,7 +11,9 @@ import pytest
 
 import jdiffusion_lora  # noqa: F401  (configures Jittor first)
 from jdiffusion_lora.train import adapters as ad
-from jdiffusion_lora.train.trainer import NonFiniteLoss, Trainer, augment
+from jdiffusion_lora.train.batches import augment
+from jdiffusion_lora.train.objective import NonFiniteLoss
+from jdiffusion_lora.train.trainer import Trainer
 from jdiffusion_lora.weights import load_weights
 
 from train_fixtures import SEED_STYLE_00, config, make_competition_style, tiny_pipeline
@@ -284,9 +286,9 @@ def test_prior_preservation_generates_class_images(tmp_path):
     t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
     t.run()
     assert sorted(os.listdir(class_dir)) == ["class_000000.png", "class_000001.png"]
-    batch = t.micro_batch(0, 0)
+    batch = t.batches.micro_batch(0, 0)
     assert [s.is_class for s in batch] == [False, True] and batch[1].caption == "a shape"
-    loss, per = t.batch_loss(batch)
+    loss, per = t.loss(batch)
     per = per.numpy()
     assert float(loss.item()) == pytest.approx(per[0] + 0.5 * per[1], rel=1e-5)
 

@@ -35,7 +35,8 @@ def run(args) -> int:
         return dry_run(config)
 
     from ..train.checkpoint import CheckpointError
-    from ..train.trainer import NonFiniteLoss, Trainer
+    from ..train.objective import NonFiniteLoss
+    from ..train.trainer import Trainer
     try:
         result = Trainer(config).run()
     except NonFiniteLoss as e:

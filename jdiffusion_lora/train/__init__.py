@@ -5,13 +5,15 @@ Modules, one job each:
     data        finding and checking styles / images, loading and augmenting one image, sample order
     captions    the seed's caption form and kohya's caption augmentations
     cache       VAE posterior and text-embedding caches
+    batches     sample i: its image, augmentation, latent (cached), noise and timestep; class images
     noise       training noise (offset, pyramid, Perlin) and timestep sampling
-    objective   eps / v targets, per-sample losses, Min-SNR weights
+    objective   eps / v targets, per-sample losses, Min-SNR weights, the loss of a micro-batch
     optim       parameter groups and learning rates, LR schedules, clipping, Jittor optimizers
     adapters    LoRA injection / read-out for training, LoRA-GA
-    checkpoint  atomic checkpoints, resume
+    checkpoint  atomic checkpoints, the LoRA files, resume
+    sampling    sample images during training, their scores, the loss curve
     metrics     JSONL, TensorBoard (tfevents), loss curve, image grids
-    trainer     the training loop
+    trainer     the training loop (start here)
     plan        --dry-run
 
 Entry point: `python -m jdiffusion_lora.cli train --config FILE.toml [--option value ...]`.

@@ -152,6 +152,18 @@ def module_weights(models: Dict[str, object]) -> Dict[str, ModuleLora]:
 
 # ---------------------------------------------------------------------------- LoRA-GA
 
+def mean_base_gradients(pairs: Sequence[LoraPair], layers: Dict[str, object], losses) -> Dict[str, np.ndarray]:
+    """{pair name: mean gradient of the losses wrt its layer's base weight}; `losses` yields loss Vars."""
+    names = [p.name for p in pairs]
+    weights = [layers[n].weight for n in names]
+    sums, n = None, 0
+    for loss in losses:
+        arrays = [g.numpy().astype(np.float64) for g in jt.grad(loss, weights)]
+        sums = arrays if sums is None else [s + a for s, a in zip(sums, arrays)]
+        n += 1
+    return {name: s / n for name, s in zip(names, sums)}
+
+
 def lora_ga_init(pairs: Sequence[LoraPair], layers: Dict[str, object], grads: Dict[str, np.ndarray],
                  alpha: float, gamma: float) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """Set A, B from the SVD of each base weight's gradient and offset the base weights.

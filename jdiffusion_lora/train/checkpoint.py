@@ -15,6 +15,9 @@
 A checkpoint folder is written under a temporary name and renamed when every file in it is on
 disk; only then does `latest` (itself written atomically) point at it. A crash, a full disk or a
 kill at any moment leaves the previous checkpoint as the latest, never a half-written one.
+
+The second half writes and reads a `Trainer`'s state: `write_lora_files` (the LoRA in every
+`save_formats`), `save_checkpoint`, `restore` (resume) and `clear_old_checkpoints` (a fresh run).
 """
 from __future__ import annotations
 
@@ -23,12 +26,19 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 
+from .._runtime import jt
 from ..weights import atomic_write_bytes, read_safetensors, save_safetensors
+from . import adapters as ad
+from .config import as_dict
 
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+LORA_FILES = {"diffusers": "pytorch_lora_weights.safetensors", "kohya": "lora_kohya.safetensors"}
 STATE_DIR = "training_state"
 POINTER = "latest"
 PREFIX = "checkpoint-"
@@ -182,3 +192,129 @@ def resolve_resume(resume: str, output_dir: str) -> Optional[str]:
         return nested
     raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {STATE_DIR}/state.json) "
                           f"and no checkpoints under it")
+
+
+# ---------------------------------------------------------------------------- a trainer's files
+
+def lora_state(t: "Trainer", arrays: Optional[Dict[str, np.ndarray]] = None):
+    """The trained LoRA (or `arrays`, e.g. the EMA weights) as a `LoraState` with the run's metadata."""
+    c = t.c
+    meta = {"jdiffusion_lora.trainer": "style-lora",
+            "jdiffusion_lora.styles": ",".join(s.name for s in t.data.styles),
+            "jdiffusion_lora.triggers": ",".join(s.trigger for s in t.data.styles),
+            "jdiffusion_lora.base_model": c.base_model or "tiny",
+            "jdiffusion_lora.prediction_type": t.prediction_type}
+    return ad.lora_state(t.pairs, t.alpha, arrays, t.ga_offsets, meta)
+
+
+def write_lora_files(t: "Trainer", folder: str, arrays: Optional[Dict[str, np.ndarray]] = None) -> List[str]:
+    """Write the LoRA into `folder` in every format of `save_formats`; returns the paths."""
+    from ..lora.formats import save_lora_state
+    c = t.c
+    state = lora_state(t, arrays)
+    paths = []
+    for fmt in c.save_formats:
+        extra = None
+        if fmt == "kohya":
+            extra = {"ss_seed": str(c.seed), "ss_resolution": f"({c.resolution}, {c.resolution})",
+                     "ss_learning_rate": str(c.learning_rate), "ss_max_train_steps": str(c.max_train_steps),
+                     "ss_num_train_images": str(len(t.records)),
+                     "ss_training_comment": "triggers: " + ",".join(s.trigger for s in t.data.styles)}
+        path = os.path.join(folder, LORA_FILES[fmt])
+        with writing(path):
+            paths.append(save_lora_state(state, path, format=fmt, dtype=c.save_dtype, metadata=extra))
+    return paths
+
+
+def ema_arrays(t: "Trainer") -> Dict[str, np.ndarray]:
+    """The EMA weights keyed like `adapters.adapter_arrays` ("<pair>.down" / "<pair>.up")."""
+    out = {}
+    values = {n: e.numpy() for n, e in zip(t.param_names, t.ema)}
+    for p in t.pairs:
+        out[p.name + ".down"] = values[p.name + ".lora_A.weight"]
+        out[p.name + ".up"] = values[p.name + ".lora_B.weight"]
+    return out
+
+
+def write_final_lora(t: "Trainer") -> List[str]:
+    """The finished run's LoRA files in output_dir (and output_dir/ema with EMA)."""
+    paths = write_lora_files(t, t.c.output_dir)
+    if t.ema is not None:
+        paths += write_lora_files(t, os.path.join(t.c.output_dir, "ema"), ema_arrays(t))
+    return paths
+
+
+def save_checkpoint(t: "Trainer", step: int) -> str:
+    """Checkpoint `step`: LoRA files (and EMA's) + the training state; atomic (see `write_checkpoint`)."""
+    c = t.c
+
+    def write(folder):
+        write_lora_files(t, folder)
+        extra = {}
+        if t.ema is not None:
+            write_lora_files(t, os.path.join(folder, "ema"), ema_arrays(t))
+            extra.update({f"ema.{n}": e.numpy() for n, e in zip(t.param_names, t.ema)})
+        for name, (b0, a0) in t.ga_offsets.items():
+            extra[f"ga.{name}.up"] = b0
+            extra[f"ga.{name}.down"] = a0
+        state = {"format": 1, "step": step, "optimizer_steps": t.optimizer.step_count,
+                 "samples_seen": step * c.train_batch_size * c.gradient_accumulation_steps,
+                 "rng": {"scheme": "per-sample numpy streams from (seed, sample index); jittor reseeded per step",
+                         "seed": c.seed},
+                 "prediction_type": t.prediction_type, "config": as_dict(c)}
+        save_training_state(folder, state, ad.adapter_arrays(t.pairs), t.optimizer.state_arrays(), extra)
+
+    try:
+        return write_checkpoint(c.output_dir, step, write, c.keep_last)
+    except OSError as e:
+        last = latest_checkpoint(c.output_dir)
+        raise OSError(e.errno, f"could not save the checkpoint of step {step}: {e.strerror or e}; nothing "
+                      f"half-written was kept, the latest checkpoint is {last or 'none'}") from None
+
+
+RESUME_MUST_MATCH = ("seed", "rank", "pack_rank", "unet_targets", "text_encoder_targets", "optimizer",
+                     "train_batch_size", "gradient_accumulation_steps", "lora_init")
+
+
+def restore(t: "Trainer", checkpoint: str) -> None:
+    """Load a checkpoint into a set-up trainer: adapters, optimizer, LoRA-GA offsets, EMA, step."""
+    state, adapter, optimizer, extra = load_training_state(checkpoint)
+    old = state.get("config", {})
+    changed = [f"{k}: {old.get(k)!r} -> {getattr(t.c, k)!r}" for k in RESUME_MUST_MATCH
+               if k in old and old[k] != getattr(t.c, k)]
+    if changed:
+        raise ValueError(f"cannot resume from {checkpoint}: these options differ from the checkpoint's: "
+                         + "; ".join(changed))
+    if state.get("prediction_type", t.prediction_type) != t.prediction_type:
+        raise ValueError(f"cannot resume: the checkpoint trained {state['prediction_type']}, "
+                         f"this run {t.prediction_type}")
+    ad.load_adapter_arrays(t.pairs, adapter)
+    t.optimizer.load_state_arrays(optimizer, state["optimizer_steps"])
+    ga = {}
+    for key, arr in extra.items():
+        if key.startswith("ga."):
+            name, side = key[3:].rsplit(".", 1)
+            ga.setdefault(name, [None, None])[0 if side == "up" else 1] = arr
+    t.ga_offsets = {k: (v[0], v[1]) for k, v in ga.items()}
+    if t.ga_offsets:
+        ad.reapply_ga_offsets(t.pairs, t.layers, t.ga_offsets, t.alpha)
+    if t.c.ema_decay > 0:
+        if any(k.startswith("ema.") for k in extra):
+            t.ema = [jt.array(extra[f"ema.{n}"]) for n in t.param_names]
+        else:
+            t.ema = [jt.array(p.numpy()) for p in t.params]
+    t.start_step = int(state["step"])
+    t.print(f"resumed from {checkpoint} at step {t.start_step}")
+
+
+def clear_old_checkpoints(c, printer: Callable[[str], None] = print) -> None:
+    """A fresh run never mixes its checkpoints with an earlier run's: refuse, or delete them (`overwrite`)."""
+    old = latest_checkpoint(c.output_dir)
+    if old is None:
+        return
+    if not c.overwrite:
+        raise ValueError(f"{c.output_dir} already holds checkpoints of an earlier run (latest: {old}); "
+                         f"continue it with --resume latest, or pass --overwrite to start again, "
+                         f"or choose another --output-dir")
+    shutil.rmtree(checkpoint_root(c.output_dir))
+    printer(f"overwrite: deleted the earlier run's checkpoints in {c.output_dir}")

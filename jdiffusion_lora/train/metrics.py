@@ -1,6 +1,7 @@
-"""Training metrics: JSON lines, TensorBoard scalars, a loss-curve PNG, labelled image grids."""
+"""Training metrics: JSON lines, TensorBoard scalars, a progress bar, a loss-curve PNG, labelled image grids."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -57,6 +58,20 @@ class MetricsLog:
         self._f.close()
         if self.tb is not None:
             self.tb.close()
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int, initial: int):
+    """A tqdm bar over the optimizer steps (None when disabled), closed on the way out."""
+    if not enabled:
+        yield None
+        return
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, initial=initial, desc="training", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -67,7 +67,7 @@ def activation_bytes(unet_config, latent: int, batch: int, tokens: int = 77) -> 
 
 def dry_run(c, printer: Callable[[str], None] = print) -> int:
     from ..tiny import tiny_model_path
-    from .trainer import augment
+    from .batches import augment
 
     out = printer
     folder = c.base_model or tiny_model_path()
