@@ -17,5 +17,5 @@ while [ $# -gt 0 ]; do
         *) args+=("$1"); shift ;;
     esac
 done
-[ -d styles/00 ] || python tools/make_demo_styles.py
+[ -d styles/00 ] || python -m tools.make_demo_styles
 exec python -m jdiffusion_lora.cli train --config "$config" ${args[@]+"${args[@]}"}

@@ -1,7 +1,7 @@
 """The built-in tiny Stable Diffusion models, so every command has a default that runs in seconds.
 
 `tiny_model_path()`: the pretrained one shipped in the package (`assets/tiny-sd`, trained by
-`tools/pretrain_tiny.py` on procedural coloured shapes: "a red circle on a blue background", 64x64
+`python -m tools.pretrain_tiny` on procedural coloured shapes: "a red circle on a blue background", 64x64
 pixels, CLIP's real vocabulary). It is the default base model of every command.
 
 `random_tiny_model_path()`: random weights from fixed configs and a seed, built on first use into the

@@ -25,7 +25,7 @@ def perturbed(model):
 @pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
 def test_vision_models_match_transformers(tmp_path, rng, act):
     from jdiffusion_lora._runtime import jt
-    from jdiffusion_lora.models.clip_vision import CLIPVisionModel, CLIPVisionModelWithProjection
+    from jdiffusion_lora.metrics.nets.clip_vision import CLIPVisionModel, CLIPVisionModelWithProjection
 
     torch.manual_seed(0)
     config = transformers.CLIPVisionConfig(hidden_act=act, **VISION)
@@ -48,7 +48,7 @@ def test_vision_models_match_transformers(tmp_path, rng, act):
 
 @pytest.fixture(scope="module")
 def clip_pair(tmp_path_factory):
-    from jdiffusion_lora.models.clip_vision import CLIPModel
+    from jdiffusion_lora.metrics.nets.clip_vision import CLIPModel
     torch.manual_seed(0)
     config = transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=16)
     ref = perturbed(transformers.CLIPModel(config))
@@ -76,7 +76,7 @@ def test_clip_model_features_match_transformers(clip_pair, rng):
 
 def test_vision_model_loads_from_full_clip_folder(clip_pair, rng):
     from jdiffusion_lora._runtime import jt
-    from jdiffusion_lora.models.clip_vision import CLIPVisionModelWithProjection
+    from jdiffusion_lora.metrics.nets.clip_vision import CLIPVisionModelWithProjection
     ref, _, folder = clip_pair
     ours = CLIPVisionModelWithProjection.from_pretrained(str(folder))
     x = rng.normal(size=(1, 3, 28, 28)).astype(np.float32)

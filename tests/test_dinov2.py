@@ -23,7 +23,7 @@ def tiny_reference(swiglu=False):
 @pytest.mark.parametrize("swiglu", [False, True])
 def test_dinov2_matches_transformers(tmp_path, rng, swiglu):
     from jdiffusion_lora._runtime import jt
-    from jdiffusion_lora.models.dinov2 import Dinov2Model
+    from jdiffusion_lora.metrics.nets.dinov2 import Dinov2Model
 
     ref = tiny_reference(swiglu)
     ref.save_pretrained(tmp_path)
@@ -42,7 +42,7 @@ def test_dinov2_loads_transformers5_in_memory_names(tmp_path, rng):
     """save_pretrained writes the published names (attention.attention.query, mlp.weights_in); a raw
     transformers-5 state dict (attention.q_proj, mlp.gate_proj / mlp.up_proj) loads as well."""
     from jdiffusion_lora._runtime import jt
-    from jdiffusion_lora.models.dinov2 import Dinov2Model
+    from jdiffusion_lora.metrics.nets.dinov2 import Dinov2Model
     from jdiffusion_lora.weights import save_safetensors
 
     ref = tiny_reference(swiglu=True)

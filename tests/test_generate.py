@@ -11,7 +11,7 @@ import pytest
 from generate_fixtures import make_dataset, write_tiny_lora
 from jdiffusion_lora.generate import (GenerateSettings, LoraSpec, PlanError, build_items, escape_stem, item_seed,
                                       read_inputs, read_manifest, render, run_job, unescape_stem, without_timing)
-from jdiffusion_lora.generate.runner import generate_items, job_description, load_pipeline
+from jdiffusion_lora.generate.runner import generate_items, job_description, load_job_pipeline
 from jdiffusion_lora.lora import LoraError
 from jdiffusion_lora.tiny import random_tiny_model_path
 
@@ -54,8 +54,10 @@ def _manifest(folder):
 
 # ----------------------------------------------------------------------------- prompts, names, seeds
 
-def test_seed_template_and_fields(data):
+def test_challenge_template_and_fields(data, capsys):
     items = _items(data)
+    assert [i.text for i in _items(data, template="seed")] == [i.text for i in items]   # the old preset name
+    assert "--template challenge" in capsys.readouterr().err
     cat = items[0]
     assert (cat.style, cat.prompt, cat.stem) == ("00", "Cat", "Cat")
     assert cat.text == "style_00,purple,lineart,Cat,Cat,Cat,Cat,animal,pet"
@@ -190,7 +192,7 @@ def test_batched_mode_is_close_and_recorded(tmp_path, data, lora, reference):
 def test_resume_after_interrupt(tmp_path, data, lora, reference):
     out = str(tmp_path / "resume")
     items, settings = _items(data), _settings(lora, batch_size=2)
-    pipe, job = load_pipeline(settings), job_description(settings)
+    pipe, job = load_job_pipeline(settings), job_description(settings)
 
     def stop_after_two(it, count=[0]):
         count[0] += 1

@@ -8,7 +8,8 @@ import pytest
 
 from jdiffusion_lora.lora import (LoraError, LoraState, ModuleLora, detect_format, kohya_name_table, load_lora_state,
                                   parse_lora_state_dict, read_lora_file, save_lora_state)
-from jdiffusion_lora.lora.formats import convert_lora_file, standard_name_tables
+from jdiffusion_lora.lora.formats import standard_name_tables
+from jdiffusion_lora.lora.writing import convert_lora_file
 from jdiffusion_lora.weights import WeightsError, read_safetensors, save_safetensors
 
 ATT = "down_blocks.0.attentions.0.transformer_blocks.0"

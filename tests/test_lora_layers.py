@@ -13,7 +13,7 @@ from jdiffusion_lora.lora import (AdapterConfig, LoraError, LoraLayer, ModuleLor
                                   fuse, get_adapter_weights, inject_adapter, list_adapters, load_adapter_weights,
                                   lora_parameters, named_lora_parameters, parse_lora_state_dict, set_adapters,
                                   unfuse, unload)
-from jdiffusion_lora.lora.model import find_target_modules
+from jdiffusion_lora.lora.inject import find_target_modules
 from jdiffusion_lora.models.layers import Attention, ResnetBlock2D
 from helpers import max_abs_diff
 

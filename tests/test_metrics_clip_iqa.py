@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
 @pytest.mark.parametrize("source", ["RN50.pt", "plain_state.pt"])
 def test_openai_resnet_matches_torch(setup, rng, source):
     from jdiffusion_lora._runtime import jt
-    from jdiffusion_lora.metrics.clip_iqa import OpenAICLIPResNet, find_rn50_weights, openai_token_ids
+    from jdiffusion_lora.metrics.nets.clip_iqa import OpenAICLIPResNet, find_rn50_weights, openai_token_ids
 
     ref, tokenizer, folder = setup
     if source == "RN50.pt":
@@ -60,7 +60,7 @@ def test_openai_resnet_matches_torch(setup, rng, source):
 
 def test_clip_iqa_probability_matches_piq_formula(setup, rng):
     from jdiffusion_lora._runtime import jt
-    from jdiffusion_lora.metrics.clip_iqa import CLIPIQA, OpenAICLIPResNet, openai_token_ids
+    from jdiffusion_lora.metrics.nets.clip_iqa import CLIPIQA, OpenAICLIPResNet, openai_token_ids
 
     ref, tokenizer, folder = setup
     iqa = CLIPIQA(OpenAICLIPResNet.from_file(str(folder / "plain_state.pt")), tokenizer)

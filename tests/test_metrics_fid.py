@@ -40,7 +40,7 @@ def test_singular_covariances_stay_real_and_finite(rng):
 def inception_pair(tmp_path_factory):
     torch = pytest.importorskip("torch")
     from metrics_torch_refs import TorchFIDInception, randomize_batchnorm
-    from jdiffusion_lora.metrics.inception import FID_WEIGHTS_NAME, FIDInceptionV3, find_inception_weights
+    from jdiffusion_lora.metrics.nets.inception import FID_WEIGHTS_NAME, FIDInceptionV3, find_inception_weights
 
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)

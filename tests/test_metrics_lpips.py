@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 @pytest.fixture(scope="module")
 def lpips_pair(tmp_path_factory):
     from metrics_torch_refs import TorchLPIPSSqueeze, TorchSqueezeNet11
-    from jdiffusion_lora.metrics.lpips import LPIPSSqueeze, find_lpips_weights
+    from jdiffusion_lora.metrics.nets.lpips import LPIPSSqueeze, find_lpips_weights
 
     torch.manual_seed(0)
     ref = TorchLPIPSSqueeze(TorchSqueezeNet11()).eval()
@@ -40,7 +40,7 @@ def test_lpips_matches_torch(lpips_pair, rng):
 
 
 def test_lpips_full_module_state_dict_loads(lpips_pair, tmp_path):
-    from jdiffusion_lora.metrics.lpips import LPIPSSqueeze
+    from jdiffusion_lora.metrics.nets.lpips import LPIPSSqueeze
     ref, ours = lpips_pair
     # the names lpips.LPIPS itself uses: net.sliceN.<features index>..., lin0.model.1.weight, lins.0...
     state = {f"net.slice1.{k}": v for k, v in ref.backbone.features.state_dict().items()}

@@ -2,13 +2,12 @@
 and the pretraining script rebuilds identical bytes from a seed."""
 import hashlib
 import os
-import sys
 
 import numpy as np
 import pytest
 
 import jdiffusion_lora
-from jdiffusion_lora import tiny_data
+from tools import tiny_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = os.path.join(os.path.dirname(os.path.abspath(jdiffusion_lora.__file__)), "assets", "tiny-sd")
@@ -63,7 +62,7 @@ def test_shipped_files_match_sha256sums():
 def test_it_is_the_default_base_model():
     from jdiffusion_lora.tiny import tiny_model_path
     from jdiffusion_lora.train.config import TrainConfig
-    from jdiffusion_lora.train.trainer import load_pipeline
+    from jdiffusion_lora.pipelines import load_pipeline
 
     assert os.path.samefile(tiny_model_path(), MODEL)
     assert TrainConfig().base_model == ""   # "" = the built-in model
@@ -92,11 +91,7 @@ def test_model_draws_the_prompted_colours(pipe, prompt):
 
 
 def test_pretraining_rebuilds_identical_bytes(tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    try:
-        import pretrain_tiny
-    finally:
-        sys.path.pop(0)
+    from tools import pretrain_tiny
     tiny_run = dict(seed=5, data=8, vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=4, decoder_steps=2,
                     decoder_batch=2, grid=False, checkpoint_every=0, quiet=True)
 

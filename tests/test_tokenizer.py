@@ -158,7 +158,7 @@ def test_building_blocks():
 
 
 def test_shipped_real_clip_vocabulary():
-    """The built-in model's tokenizer is CLIP's real 49408-token vocabulary (tools/clip_vocab.py): the ids
+    """The built-in model's tokenizer is CLIP's real 49408-token vocabulary (`python -m tools.clip_vocab`): the ids
     every CLIP user knows, and transformers reads the same folder to the same ids on every TRICKY text."""
     from jdiffusion_lora.tiny import tiny_model_path
 

@@ -8,11 +8,15 @@ from train_fixtures import REPO
 
 
 def test_print_config_applies_file_and_overrides(tmp_path, capsys):
-    assert main(["train", "--config", os.path.join(REPO, "configs", "seed.toml"), "--rank", "8",
+    assert main(["train", "--config", os.path.join(REPO, "configs", "jittor-2024-pack.toml"), "--rank", "8",
                  "--no-adaptive-lr", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "rank = 8\n" in out and "adaptive_lr = false\n" in out and "max_train_steps = 40000\n" in out
     assert 'text_encoder_targets = ["q_proj", "k_proj", "v_proj"]' in out and "lora_dropout = 0.1\n" in out
+    # the config's old name still works, with a note
+    assert main(["train", "--config", os.path.join(REPO, "configs", "seed.toml"), "--print-config"]) == 0
+    captured = capsys.readouterr()
+    assert "max_train_steps = 40000\n" in captured.out and "jittor-2024-pack.toml" in captured.err
 
 
 def test_errors_name_the_problem(tmp_path, capsys):

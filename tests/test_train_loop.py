@@ -153,7 +153,7 @@ def test_pack_of_three_styles(tmp_path):
 
 
 def test_dry_run_prints_the_seed_captions(tmp_path):
-    from jdiffusion_lora.train.plan import dry_run
+    from jdiffusion_lora.train.dry_run import dry_run
     root = tmp_path / "B_dataset"
     make_competition_style(str(root), "00", ["apple", "ball", "glasses"], SEED_STYLE_00, size=(64, 64))
     c = config(tmp_path, data_root=str(root), styles=[], rank=4, max_train_steps=10, save_every=5)

@@ -1,7 +1,7 @@
 """Write CLIP's real tokenizer files (vocab.json + merges.txt, transformers layout) from OpenAI's BPE list.
 
     pip download open_clip_torch --no-deps -d /tmp/oc && unzip -o /tmp/oc/open_clip_torch-*.whl -d /tmp/oc
-    python tools/clip_vocab.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz --out jdiffusion_lora/assets/tiny-sd/tokenizer
+    python -m tools.clip_vocab /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz --out jdiffusion_lora/assets/tiny-sd/tokenizer
 
 The BPE list (MIT, OpenAI CLIP) ships in the `open_clip_torch` wheel on PyPI; model hubs are not needed.
 CLIP keeps the first 49152 - 256 - 2 = 48894 merges. Its vocabulary is, in this order: the 256 byte
@@ -17,9 +17,7 @@ import os
 import sys
 from typing import List, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jdiffusion_lora.models.clip_tokenizer import bytes_to_unicode  # noqa: E402
+from jdiffusion_lora.models.clip_tokenizer import bytes_to_unicode
 
 NUM_MERGES = 49152 - 256 - 2
 TOKENIZER_CONFIG = {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",

@@ -1,6 +1,6 @@
 """Draw the bundled demo styles (`styles/`): 3 tiny styles, 3 images each, in the competition layout.
 
-    python tools/make_demo_styles.py [--out styles] [--size 128]
+    python -m tools.make_demo_styles [--out styles] [--size 128]
 
 Each style folder gets `images/<object>.png`, `prompt.json` (objects to generate) and `tag.json`
 (style tags and per-image tags). Drawing is procedural and deterministic, so the files are
@@ -12,13 +12,10 @@ import argparse
 import io
 import json
 import os
-import sys
 
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from jdiffusion_lora.tiny_data import draw_shape  # noqa: E402
+from tools.tiny_data import draw_shape
 
 # Three looks the built-in tiny model (flat primary-coloured shapes on flat backgrounds, 64x64) has never
 # seen, each in a palette of its own, so a LoRA's effect shows in the pictures and in the hist score.

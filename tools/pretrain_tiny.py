@@ -1,11 +1,11 @@
 """Pretrain the built-in tiny Stable Diffusion model on the procedural shapes data set.
 
-    python tools/pretrain_tiny.py --out jdiffusion_lora/assets/tiny-sd            # full run (~40 min, 2 CPU cores)
-    python tools/pretrain_tiny.py --out /tmp/t --vae-steps 2 --unet-steps 2 --data 32 --no-grid   # smoke run
+    python -m tools.pretrain_tiny --out jdiffusion_lora/assets/tiny-sd            # full run (~40 min, 2 CPU cores)
+    python -m tools.pretrain_tiny --out /tmp/t --vae-steps 2 --unet-steps 2 --data 32 --no-grid   # smoke run
 
 Three phases, all plain AdamW on CPU:
   1. VAE: a small AutoencoderKL (64x64 RGB -> 16x16x4 latents) trained as an autoencoder
-     (MSE + a tiny KL term) on `jdiffusion_lora.tiny_data` images: the captioned set plus as many
+     (MSE + a tiny KL term) on `tools.tiny_data` images: the captioned set plus as many
      uncaptioned shapes in arbitrary colours (`make_colour_dataset`), so it can draw colours a style
      LoRA will ask for. Its `scaling_factor` is then set to 1 / std of the captioned set's latents,
      so the UNet sees unit-variance latents.
@@ -14,7 +14,7 @@ Three phases, all plain AdamW on CPU:
   3. The VAE's decoder alone on both sets again, the encoder frozen (so the UNet's latents keep their
      meaning): sharper, truer colours. `--finetune-decoder` runs it on a folder saved with
      `--decoder-steps 0`, to the same bytes.
-The text encoder uses CLIP's real 49408-token vocabulary (tokenizer files written by tools/clip_vocab.py).
+The text encoder uses CLIP's real 49408-token vocabulary (tokenizer files written by `python -m tools.clip_vocab`).
 
 Deterministic for a given seed on one machine: all data randomness comes from one numpy
 Generator, and Jittor's own seed is fixed. The output folder gets the diffusers layout, a
@@ -32,11 +32,11 @@ from typing import List, Optional
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jdiffusion_lora  # noqa: F401  (sets Jittor's environment before importing it)
+from jdiffusion_lora import tiny
+from jdiffusion_lora._runtime import jt
 
-import jdiffusion_lora  # noqa: E402,F401  (sets Jittor's environment before importing it)
-from jdiffusion_lora._runtime import jt  # noqa: E402
-from jdiffusion_lora import tiny, tiny_data  # noqa: E402
+from tools import tiny_data
 
 # 64x64 pixels -> 16x16x4 latents (two downsamplings). With three (8x8 latents) this VAE did not learn to
 # keep the colours within the time budget; no VAE attention: flat-colour images do not need it.
@@ -45,7 +45,7 @@ VAE_CONFIG = {
     "block_out_channels": [16, 32, 32], "sample_size": 64, "mid_block_add_attention": False,
     "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3,
 }
-# The real CLIP vocabulary (49408 tokens, see tools/clip_vocab.py) at width 32 keeps the embedding at 6 MB.
+# The real CLIP vocabulary (49408 tokens, see `python -m tools.clip_vocab`) at width 32 keeps the embedding at 6 MB.
 TEXT_CONFIG = {
     "vocab_size": 49408, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "max_position_embeddings": 77, "hidden_act": "quick_gelu",

@@ -24,9 +24,9 @@ def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
     g.add_argument("--styles", default=None, help="comma-separated style ids (default: all)")
     g.add_argument("--out", default="outputs/generate", help="output root: <out>/<NN>/<prompt>.png")
     t = p.add_argument_group("prompt")
-    t.add_argument("--template", default="seed",
-                   help="preset (seed, trigger, plain) or a template with {trigger} {style} {style_tags} {prompt} "
-                        "{hypernyms}, {field*N} repeats: seed = '{trigger},{style_tags},{prompt*4},{hypernyms}'")
+    t.add_argument("--template", default="challenge",
+                   help="preset (challenge, trigger, plain) or a template with {trigger} {style} {style_tags} {prompt} "
+                        "{hypernyms}, {field*N} repeats: challenge = '{trigger},{style_tags},{prompt*4},{hypernyms}'")
     t.add_argument("--negative-template", default=None, help="negative prompt template (default: none)")
     t.add_argument("--trigger-format", default="style_{style}", help="the {trigger} field")
     t.add_argument("--dedupe", action="store_true", help="keep the first of duplicate prompts instead of stopping")

@@ -66,8 +66,8 @@ def _counts(values):
 
 def inspect_lora(path: str, model_dir=None) -> dict:
     """A plain dict describing a LoRA file (what `lora inspect` prints)."""
-    from ..lora.formats import detect_format, find_lora_file, guess_base_model, parse_lora_state_dict, \
-        read_lora_file, compatibility_report
+    from ..lora.formats import detect_format, find_lora_file, parse_lora_state_dict, read_lora_file
+    from ..lora.writing import compatibility_report, guess_base_model
     from ..weights import read_safetensors
 
     path = find_lora_file(path)
@@ -157,7 +157,7 @@ def name_tables_for(model_dir):
 
 
 def run_convert(args) -> int:
-    from ..lora.formats import convert_lora_file
+    from ..lora.writing import convert_lora_file
     state = convert_lora_file(args.input, args.output, to=args.to, dtype=args.dtype, strict=not args.no_strict,
                               name_tables=name_tables_for(args.model))
     print(f"{args.input} ({state.source_format}, {len(state.modules)} modules) -> {args.output} ({args.to})")

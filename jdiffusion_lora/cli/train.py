@@ -31,7 +31,7 @@ def run(args) -> int:
         print(to_toml(config), end="")
         return 0
     if args.dry_run:
-        from ..train.plan import dry_run
+        from ..train.dry_run import dry_run
         return dry_run(config)
 
     from ..train.checkpoint import CheckpointError

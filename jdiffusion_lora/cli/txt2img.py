@@ -27,17 +27,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..pipelines.stable_diffusion import StableDiffusionPipeline
-    from ..schedulers import SCHEDULERS
+    from ..image_files import save_png
+    from ..pipelines import load_pipeline
     from ..tiny import tiny_model_path
-    from ..weights import atomic_write_bytes
 
     model = args.model or tiny_model_path()
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    if args.scheduler:
-        if args.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {args.scheduler!r}; choose from {sorted(SCHEDULERS)}")
-        pipe.scheduler = SCHEDULERS[args.scheduler].from_config(pipe.scheduler.config)
+    pipe = load_pipeline(model, scheduler=args.scheduler)
     for i, spec in enumerate(args.lora):
         path, _, scale = spec.partition(":")
         pipe.load_lora_weights(path, adapter_name=f"lora{i}")
@@ -49,11 +44,8 @@ def run(args) -> int:
                guidance_scale=args.guidance, num_images_per_prompt=args.num_images, height=args.height,
                width=args.width, seed=args.seed)
     os.makedirs(args.out, exist_ok=True)
-    import io
     for image, seed in zip(out.images, out.seeds):
-        buf = io.BytesIO()
-        image.save(buf, format="PNG")
-        atomic_write_bytes(os.path.join(args.out, f"seed{seed}.png"), [buf.getvalue()])
+        save_png(image, os.path.join(args.out, f"seed{seed}.png"))
     print(f"model: {model}")
     print(f"wrote {len(out.images)} image(s) of {out.images[0].size[0]}x{out.images[0].size[1]} to {args.out}/ "
           f"in {time.time() - start:.1f}s")

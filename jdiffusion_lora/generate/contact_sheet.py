@@ -2,11 +2,10 @@
 each labelled (reference: its file stem; generated: its prompt)."""
 from __future__ import annotations
 
-import io
 import os
 from typing import List, Optional, Tuple
 
-from ..weights import atomic_write_bytes
+from ..image_files import is_image_name, save_png
 
 THUMB = 128
 LABEL_H = 16
@@ -66,16 +65,12 @@ def write_contact_sheets(out_dir: str, expected, sheets_dir: str, dataset_root: 
         ref_dir = os.path.join(dataset_root, style, "images") if dataset_root else None
         if ref_dir and os.path.isdir(ref_dir):
             refs = [(os.path.join(ref_dir, f), os.path.splitext(f)[0]) for f in sorted(os.listdir(ref_dir))
-                    if f.lower().endswith((".png", ".jpg", ".jpeg", ".webp"))]
+                    if is_image_name(f)]
         gen = []
         for prompt, stem in expected[style]:
             path = os.path.join(out_dir, style, f"{stem}.png")
             gen.append((path if os.path.isfile(path) else None, prompt))
         sheet = contact_sheet(refs, gen, title=f"style {style}: {len(refs)} reference(s), {len(gen)} prompt(s)",
                               thumb=thumb)
-        buf = io.BytesIO()
-        sheet.save(buf, format="PNG")
-        path = os.path.join(sheets_dir, f"{style}.png")
-        atomic_write_bytes(path, [buf.getvalue()])
-        written.append(path)
+        written.append(save_png(sheet, os.path.join(sheets_dir, f"{style}.png")))
     return written

@@ -23,7 +23,6 @@ from ..weights import atomic_write_bytes
 from .manifest import MANIFEST, RECORDS
 from .plan import escape_stem
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .manifest import fingerprint, write_manifest
 from .plan import Item
-from .runner import GenerateSettings, generate_items, job_description, load_pipeline, pending_items
+from .runner import GenerateSettings, generate_items, job_description, load_job_pipeline, pending_items
 
 # Test hook: "W:N[,W:N]" makes worker W exit abruptly after finishing N items (to test recovery).
 CRASH_ENV = "JDIFFUSION_GENERATE_CRASH"
@@ -67,7 +67,7 @@ def run_job(items: Sequence[Item], settings: GenerateSettings, out_dir: str, wor
         if not todo:
             generated = 0
         elif workers == 1:
-            pipe = load_pipeline(settings)
+            pipe = load_job_pipeline(settings)
             generated = generate_items(pipe, todo, settings, out_dir, job, on_done=lambda it: bar.update(1))
         else:
             generated = _run_workers(todo, settings, out_dir, job, workers, bar)
@@ -89,7 +89,7 @@ def _worker_main(wid: int, settings_dict: dict, out_dir: str, job: dict, tasks, 
         settings = GenerateSettings.from_dict(settings_dict)
         crashes = dict(c.split(":") for c in os.environ.get(CRASH_ENV, "").split(",") if ":" in c)
         crash_after = int(crashes[str(wid)]) if str(wid) in crashes else None
-        pipe = load_pipeline(settings)
+        pipe = load_job_pipeline(settings)
         made = 0
 
         def done(it: Item) -> None:

@@ -176,7 +176,7 @@ def read_inputs(dataset_root: Optional[str] = None, prompt_file: Optional[str] =
 
 # ----------------------------------------------------------------------------- the plan
 
-def build_items(inputs: List[StyleInput], llm: Dict[str, dict], template: str = "seed",
+def build_items(inputs: List[StyleInput], llm: Dict[str, dict], template: str = "challenge",
                 negative_template: Optional[str] = None, base_seed: int = 114514, seed_mode: str = "hash",
                 trigger_format: str = "style_{style}", dedupe: bool = False) -> List[Item]:
     """One Item per (style, prompt), in style then key order. Checks names before anything is written."""

@@ -11,19 +11,22 @@ A template is plain text with fields in braces; `{field*N}` repeats a field N ti
 The rendered text is comma-normalised like the training captions (tags stripped, empty tags
 dropped, joined with ","), so a missing optional field leaves no stray comma.
 
-Presets: "seed" is the inference prompt of the seed system (`style_NN,` + style tags +
-`Prompt,` x 4 + LLM hypernyms); "plain" is the object name alone.
+Presets: "challenge" is the inference prompt of the 2024 challenge pack (`style_NN,` + style tags +
+`Prompt,` x 4 + LLM hypernyms; "seed", its old name, still works with a deprecation note); "trigger" is
+trigger, style tags and the object; "plain" is the object name alone.
 """
 from __future__ import annotations
 
 import re
+import sys
 from typing import Dict, List, Optional
 
 PRESETS = {
-    "seed": "{trigger},{style_tags},{prompt*4},{hypernyms}",
+    "challenge": "{trigger},{style_tags},{prompt*4},{hypernyms}",
     "trigger": "{trigger},{style_tags},{prompt}",
     "plain": "{prompt}",
 }
+RENAMED_PRESETS = {"seed": "challenge"}   # old name -> new name
 FIELDS = ("trigger", "style", "style_tags", "prompt", "hypernyms")
 _FIELD = re.compile(r"\{([A-Za-z_]+)(?:\*(\d+))?\}")
 
@@ -32,6 +35,10 @@ def resolve_template(template: Optional[str]) -> Optional[str]:
     """A preset name -> its template; anything else is taken as a template (None stays None)."""
     if template is None:
         return None
+    if template in RENAMED_PRESETS:
+        print(f"note: --template {template} is now --template {RENAMED_PRESETS[template]} (the old name is "
+              f"deprecated)", file=sys.stderr)
+        template = RENAMED_PRESETS[template]
     return PRESETS.get(template, template)
 
 

@@ -10,7 +10,6 @@ rounding step between batch sizes, and the mode is recorded in the manifest.
 """
 from __future__ import annotations
 
-import io
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +17,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
+from ..image_files import png_bytes
 from .manifest import fingerprint, is_done, model_fingerprint, sha256_bytes, sha256_file, write_record
 from .plan import Item
 
@@ -116,20 +116,14 @@ def pending_items(items: Sequence[Item], out_dir: str, job: dict, overwrite: boo
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def load_pipeline(settings: GenerateSettings):
+def load_job_pipeline(settings: GenerateSettings):
     """Pipeline with scheduler, LoRAs (checked against the base model), memory options. Loaded once per worker."""
     from ..lora import LoraError, guess_base_model, load_lora_state
-    from ..pipelines.stable_diffusion import StableDiffusionPipeline
-    from ..schedulers import SCHEDULERS
+    from ..pipelines import load_pipeline
 
     settings.check()
-    pipe = StableDiffusionPipeline.from_pretrained(settings.model,
-                                                   dtype="float16" if settings.dtype == "fp16" else None)
+    pipe = load_pipeline(settings.model, "float16" if settings.dtype == "fp16" else None, settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    if settings.scheduler:
-        if settings.scheduler not in SCHEDULERS:
-            raise ValueError(f"unknown scheduler {settings.scheduler!r}; choose from {sorted(SCHEDULERS)}")
-        pipe.scheduler = SCHEDULERS[settings.scheduler].from_config(pipe.scheduler.config)
     names = []
     for i, spec in enumerate(settings.loras):
         state = load_lora_state(spec.path, pipe.lora_name_tables(), strict=False)
@@ -149,15 +143,6 @@ def load_pipeline(settings: GenerateSettings):
     if settings.vae_tiling:
         pipe.vae.enable_tiling()
     return pipe
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """(H, W, 3) floats in [0, 1] -> PNG bytes (rounded like diffusers; no timestamps, so reproducible)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray((image * 255).round().astype("uint8")).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _render(pipe, items: Sequence[Item], settings: GenerateSettings) -> List[np.ndarray]:

@@ -1,18 +1,19 @@
 """LoRA-family adapters (LoRA/LoCon, LoHa, LoKr, DoRA) and every common LoRA file format.
 
-Layers and injection work on any jt.nn.Module tree (`model.py`); files go through one
-format-independent `LoraState` (`state.py`, `formats.py`); `LoraLoaderMixin` gives a
-pipeline diffusers' method names (`loader.py`).
+Layers and injection work on any jt.nn.Module tree (`layers.py`, `inject.py`); files go through one
+format-independent `LoraState` (`state.py`; read by `formats.py`, written by `writing.py`); the adapter math (each kind's weight update) is
+`adapter_math.py`; `LoraLoaderMixin` gives a pipeline diffusers' method names (`loader.py`).
 """
-from .formats import (convert_lora_file, detect_format, guess_base_model, kohya_name_table, load_lora_state,
-                      parse_lora_state_dict, read_lora_file, save_lora_state, standard_module_names, to_diffusers,
-                      to_kohya)
-from .layers import Adapter, AdapterConfig, LoraLayer
-from .loader import LoraLoaderMixin, merge_lora_into_folder
-from .model import (PRESETS, active_adapters, adapted_layers, delete_adapter, enable_adapters, find_target_modules,
+from .adapter_math import LoraError
+from .formats import (detect_format, kohya_name_table, load_lora_state, parse_lora_state_dict, read_lora_file,
+                      standard_module_names)
+from .inject import (PRESETS, active_adapters, adapted_layers, delete_adapter, enable_adapters, find_target_modules,
                     fuse, get_adapter_weights, inject_adapter, list_adapters, load_adapter_weights, lora_parameters,
                     named_lora_parameters, set_adapters, unfuse, unload)
-from .state import LoraError, LoraState, ModuleLora
+from .layers import Adapter, AdapterConfig, LoraLayer
+from .loader import LoraLoaderMixin, merge_lora_into_folder
+from .state import LoraState, ModuleLora
+from .writing import convert_lora_file, guess_base_model, save_lora_state, to_diffusers, to_kohya
 
 __all__ = [
     "AdapterConfig", "Adapter", "LoraLayer", "LoraError", "LoraState", "ModuleLora", "PRESETS",

@@ -8,7 +8,7 @@ attributes under the same names, so the model's `state_dict()` keys do not chang
 
 Adapter tensors live in plain Python objects (`Adapter`) held in `_adapters`: Jittor does not
 walk into dicts, so they are not module parameters, not in `state_dict()`, and `model.eval()`
-does not stop their gradients. Reach them with `lora_parameters(model)` (see `model.py`).
+does not stop their gradients. Reach them with `lora_parameters(model)` (see `inject.py`).
 
 Output of an adapted layer:
     y = base(x) + sum over active adapters a of  multiplier_a * scale_a * delta_a(x)
@@ -25,7 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .._runtime import jt
-from .state import AdapterTensors, delta_weight, norm_axes, rank_of, scale_of
+from .adapter_math import AdapterTensors, delta_weight, norm_axes, rank_of, scale_of
 
 nn = jt.nn
 

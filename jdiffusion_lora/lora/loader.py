@@ -8,15 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import warnings
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from ..weights import read_safetensors, read_torch_pickle, save_safetensors
-from . import model as lora_model
-from .formats import COMPONENTS, kohya_name_table, load_lora_state, save_lora_state
-from .state import LoraError, LoraState, ModuleLora
+from . import inject
+from .formats import COMPONENTS, kohya_name_table, load_lora_state
+from .writing import save_lora_state
+from .adapter_math import LoraError, strict_or_warn
+from .state import LoraState, ModuleLora
 
 
 class LoraLoaderMixin:
@@ -32,8 +33,8 @@ class LoraLoaderMixin:
 
     def get_list_adapters(self) -> Dict[str, List[str]]:
         """component -> adapter names loaded in it."""
-        return {c: lora_model.list_adapters(m) for c, m in self._lora_models().items()
-                if lora_model.list_adapters(m)}
+        return {c: inject.list_adapters(m) for c, m in self._lora_models().items()
+                if inject.list_adapters(m)}
 
     def _all_adapters(self) -> List[str]:
         names = []
@@ -44,7 +45,7 @@ class LoraLoaderMixin:
     def get_active_adapters(self) -> List[str]:
         names = []
         for m in self._lora_models().values():
-            names += [n for n in lora_model.active_adapters(m) if n not in names]
+            names += [n for n in inject.active_adapters(m) if n not in names]
         return names
 
     def lora_name_tables(self):
@@ -75,19 +76,17 @@ class LoraLoaderMixin:
             if component not in models:
                 problems.append(f"{component}: the pipeline has no {component} ({len(entries)} module(s))")
                 continue
-            plan, probs = lora_model.check_adapter_weights(models[component], entries, adapter_name)
+            plan, probs = inject.check_adapter_weights(models[component], entries, adapter_name)
             plans[component] = plan
             problems += [f"{component}.{p}" for p in probs]
         if problems:
             msg = (f"LoRA {_describe_source(pretrained_model_name_or_path_or_dict)}: "
                    f"{len(problems)} problem(s): " + "; ".join(problems))
-            if strict:
-                raise LoraError(msg)
-            warnings.warn(msg + " -- skipped (strict=False)")
+            strict_or_warn(msg, strict)
         if not any(plans.values()):
             raise LoraError(f"LoRA {_describe_source(pretrained_model_name_or_path_or_dict)}: nothing to load")
         for component, plan in plans.items():
-            lora_model.apply_adapter_plan(models[component], plan, adapter_name, scale)
+            inject.apply_adapter_plan(models[component], plan, adapter_name, scale)
         return adapter_name
 
     def lora_state(self, adapter_name: Optional[str] = None) -> LoraState:
@@ -95,8 +94,8 @@ class LoraLoaderMixin:
         adapter_name = self._single_adapter(adapter_name)
         modules: Dict[str, ModuleLora] = {}
         for component, m in self._lora_models().items():
-            if adapter_name in lora_model.list_adapters(m):
-                for path, entry in lora_model.get_adapter_weights(m, adapter_name).items():
+            if adapter_name in inject.list_adapters(m):
+                for path, entry in inject.get_adapter_weights(m, adapter_name).items():
                     modules[f"{component}.{path}"] = entry
         return LoraState(modules, {}, "jdiffusion-lora")
 
@@ -142,15 +141,15 @@ class LoraLoaderMixin:
         if unknown:
             raise LoraError(f"unknown adapter(s) {unknown}; loaded: {self._all_adapters()}")
         for m in self._lora_models().values():
-            lora_model.set_adapters(m, names, adapter_weights, check=False)
+            inject.set_adapters(m, names, adapter_weights, check=False)
 
     def disable_lora(self) -> None:
         for m in self._lora_models().values():
-            lora_model.enable_adapters(m, False)
+            inject.enable_adapters(m, False)
 
     def enable_lora(self) -> None:
         for m in self._lora_models().values():
-            lora_model.enable_adapters(m, True)
+            inject.enable_adapters(m, True)
 
     def fuse_lora(self, lora_scale: float = 1.0, components: Optional[Sequence[str]] = None,
                   adapter_names: Optional[Sequence[str]] = None) -> None:
@@ -163,11 +162,11 @@ class LoraLoaderMixin:
             if unknown:
                 raise LoraError(f"unknown adapter(s) {unknown}; loaded: {self._all_adapters()}")
         for m in self._lora_models(components).values():
-            lora_model.fuse(m, lora_scale, adapter_names, check=False)
+            inject.fuse(m, lora_scale, adapter_names, check=False)
 
     def unfuse_lora(self, components: Optional[Sequence[str]] = None) -> None:
         for m in self._lora_models(components).values():
-            lora_model.unfuse(m)
+            inject.unfuse(m)
 
     def delete_adapters(self, adapter_names: Union[str, Sequence[str]]) -> None:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -175,13 +174,13 @@ class LoraLoaderMixin:
             if name not in self._all_adapters():
                 raise LoraError(f"no adapter named {name!r}; loaded: {self._all_adapters()}")
             for m in self._lora_models().values():
-                if name in lora_model.list_adapters(m):
-                    lora_model.delete_adapter(m, name)
+                if name in inject.list_adapters(m):
+                    inject.delete_adapter(m, name)
 
     def unload_lora_weights(self) -> None:
         """Remove every adapter and restore the original layers (fused weights stay fused)."""
         for m in self._lora_models().values():
-            lora_model.unload(m)
+            inject.unload(m)
 
 
 def _describe_source(src) -> str:
@@ -287,12 +286,12 @@ def merge_lora_into_folder(model_dir: str, lora, out_dir: str, scale: float = 1.
         tensors = weights[component][0]
         known = {n: None for n in names[component]}
         for path, entry in state.component(component).items():
-            name = lora_model.resolve_module_name(known, path)
+            name = inject.resolve_module_name(known, path)
             if name is None:
                 problems.append(f"{component}.{path}: no such module")
                 continue
             w = tensors[name + ".weight"]
-            fitted, why = lora_model._fit_tensors(entry, tuple(w.shape))
+            fitted, why = inject._fit_tensors(entry, tuple(w.shape))
             if fitted is None:
                 problems.append(f"{component}.{path}: {why}")
                 continue
@@ -300,9 +299,7 @@ def merge_lora_into_folder(model_dir: str, lora, out_dir: str, scale: float = 1.
             updates.setdefault(component, {})[name + ".weight"] = fitted_entry.merged_weight(w, scale).astype(w.dtype)
     if problems:
         msg = f"merge of {_describe_source(lora)} into {model_dir}: " + "; ".join(problems)
-        if strict:
-            raise LoraError(msg)
-        warnings.warn(msg + " -- skipped (strict=False)")
+        strict_or_warn(msg, strict)
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
     counts = {}
     for component, new in updates.items():

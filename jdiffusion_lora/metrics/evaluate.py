@@ -35,25 +35,18 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..image_files import list_images
 from . import hist as hist_metric
 from .fid import fid_from_features
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_pixels, dinov2_pixels, load_rgb, unit_pixels
 from .score import METRICS, total_from
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 ALL_METRICS = ("dino", "hist", "fid", "lpips", "clip_iqa", "clip_r")
 WEIGHTS_ENV = "JDIFFUSION_SCORER_WEIGHTS"
 CLIP_R_TOP_K = 5
 
 
 # --------------------------------------------------------------------------- dataset discovery
-
-def list_images(folder: str) -> List[str]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if n.lower().endswith(IMAGE_EXTENSIONS) and not n.startswith("."))
-
 
 def find_styles(generated: str) -> List[str]:
     """Style ids: the sub-folders of the generated folder that hold images."""
@@ -104,9 +97,9 @@ def _model_folders(folder: str, model_type: str) -> List[str]:
 
 def locate_weights(folder: Optional[str]) -> Tuple[Dict[str, object], Dict[str, str]]:
     """({metric: path or paths}, {metric: why not found}) for the networks under `folder`."""
-    from .clip_iqa import find_rn50_weights
-    from .inception import FID_WEIGHTS_NAME, find_inception_weights
-    from .lpips import find_lpips_weights
+    from .nets.clip_iqa import find_rn50_weights
+    from .nets.inception import FID_WEIGHTS_NAME, find_inception_weights
+    from .nets.lpips import find_lpips_weights
 
     found, missing = {}, {}
     if not folder:
@@ -221,22 +214,22 @@ class Scorer:
             return self._nets[name]
         start = time.time()
         if name == "dino":
-            from ..models.dinov2 import Dinov2Model
+            from .nets.dinov2 import Dinov2Model
             net = Dinov2Model.from_pretrained(self.paths["dino"])
         elif name == "clip":
             from ..models.clip_tokenizer import CLIPTokenizer
-            from ..models.clip_vision import CLIPModel
+            from .nets.clip_vision import CLIPModel
             folder = self.paths.get("clip_r") or self.paths["clip_iqa"][1]
             net = (CLIPModel.from_pretrained(folder), CLIPTokenizer.from_pretrained(folder))
         elif name == "inception":
-            from .inception import FIDInceptionV3
+            from .nets.inception import FIDInceptionV3
             net = FIDInceptionV3.from_file(self.paths["fid"])
         elif name == "lpips":
-            from .lpips import LPIPSSqueeze
+            from .nets.lpips import LPIPSSqueeze
             net = LPIPSSqueeze.from_files(*self.paths["lpips"])
         elif name == "rn50":
             from ..models.clip_tokenizer import CLIPTokenizer
-            from .clip_iqa import CLIPIQA, OpenAICLIPResNet
+            from .nets.clip_iqa import CLIPIQA, OpenAICLIPResNet
             rn50, tok_folder = self.paths["clip_iqa"]
             net = CLIPIQA(OpenAICLIPResNet.from_file(rn50), CLIPTokenizer.from_pretrained(tok_folder))
         else:
@@ -306,7 +299,7 @@ class Scorer:
         return np.stack([cache[t] for t in texts])
 
     def clip_iqa_scores(self, images: Sequence) -> np.ndarray:
-        from .clip_iqa import PROMPTS, iqa_probability
+        from .nets.clip_iqa import PROMPTS, iqa_probability
         if self.clip_iqa_backbone == "clip":
             feats = self.clip_image_features(images)
             if "clip_iqa_anchors" not in self._nets:

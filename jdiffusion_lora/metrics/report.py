@@ -1,7 +1,6 @@
 """Presenting scores: terminal table, scores.json, per-style bar charts (Pillow), side-by-side comparison."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -9,6 +8,7 @@ from typing import Dict, List, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..image_files import save_png
 from ..weights import atomic_write_bytes
 from .score import FID_CLIP, HIGHER_IS_BETTER, METRICS
 
@@ -157,21 +157,15 @@ def overview_chart(scores: Dict[str, object], width: int = 900, height: int = 32
     return img
 
 
-def _save_png(image: Image.Image, path: str) -> None:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, [buf.getvalue()])
-
-
 def write_charts(scores: Dict[str, object], folder: str) -> List[str]:
     """`style_<NN>.png` per style and `overview.png`; returns the paths written."""
     paths = []
     for style, sub in scores["styles"].items():
         path = os.path.join(folder, f"style_{style}.png")
-        _save_png(style_chart(style, sub, scores["overall"]), path)
+        save_png(style_chart(style, sub, scores["overall"]), path)
         paths.append(path)
     path = os.path.join(folder, "overview.png")
-    _save_png(overview_chart(scores), path)
+    save_png(overview_chart(scores), path)
     return paths + [path]
 
 

@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from .._runtime import jt
+from .layers import activation
 from .modeling import ConfigError, ModelMixin
 
 nn = jt.nn
@@ -66,16 +67,12 @@ _GENERIC_CONFIG_KEYS = (
 )
 
 
-def _activation(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * jt.sigmoid(1.702 * x)
-    if name == "gelu":  # exact, erf based (torch's default GELU)
-        return nn.gelu
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: 0.5 * x * (1.0 + jt.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    if name == "relu":
-        return nn.relu
-    raise ConfigError(f"CLIPTextModel: unsupported hidden_act {name!r}")
+# transformers' CLIP accepts more; these are the ones CLIP checkpoints use
+CLIP_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
+
+
+def clip_activation(config):
+    return activation(config.hidden_act, CLIP_ACTIVATIONS, f"{type(config).__name__}: hidden_act")
 
 
 @dataclass
@@ -151,7 +148,7 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
-        self.act = _activation(config.hidden_act)
+        self.act = clip_activation(config)
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
@@ -210,7 +207,7 @@ class CLIPTextModel(ModelMixin):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.config = config
-        _activation(config.hidden_act)  # fail early on an unknown activation
+        clip_activation(config)  # fail early on an unknown activation
         self.text_model = CLIPTextTransformer(config)
 
     def convert_state_dict(self, state):

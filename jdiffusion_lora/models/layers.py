@@ -10,21 +10,32 @@ from typing import Optional
 import numpy as np
 
 from .._runtime import jt
+from ..configuration import ConfigError
 
 nn = jt.nn
 
 
-def activation(name: str):
-    """diffusers' `act_fn` names -> a Jittor function."""
-    if name in ("silu", "swish"):
-        return nn.silu
-    if name == "gelu":
-        return nn.gelu
-    if name == "relu":
-        return nn.relu
-    if name == "mish":
-        return lambda x: x * jt.tanh(nn.softplus(x))
-    raise ValueError(f"unsupported activation {name!r}")
+def _gelu_tanh(x):
+    return 0.5 * x * (1.0 + jt.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+# diffusers' `act_fn` and transformers' `hidden_act` names
+ACTIVATIONS = {
+    "silu": nn.silu, "swish": nn.silu,
+    "gelu": nn.gelu,                                   # exact, erf based (torch's default GELU)
+    "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "gelu_fast": _gelu_tanh,
+    "quick_gelu": lambda x: x * jt.sigmoid(1.702 * x),  # CLIP (SD-1's text encoder)
+    "relu": nn.relu,
+    "mish": lambda x: x * jt.tanh(nn.softplus(x)),
+}
+
+
+def activation(name: str, supported=None, what: str = "activation"):
+    """An activation by name -> a Jittor function; `supported` limits the names a model accepts.
+    Anything else is a ConfigError naming `what` (e.g. "CLIPTextModel: hidden_act")."""
+    if name not in ACTIVATIONS or (supported is not None and name not in supported):
+        raise ConfigError(f"{what}: unsupported {name!r}")
+    return ACTIVATIONS[name]
 
 
 # --------------------------------------------------------------------------- time embedding

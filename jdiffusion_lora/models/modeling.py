@@ -15,16 +15,13 @@ from typing import Any, Dict, Iterable, Optional, Tuple, Union
 import numpy as np
 
 from .._runtime import jt
+from ..configuration import ConfigError, read_config_json  # noqa: F401  (ConfigError: models raise it from here)
 from ..weights import WeightsError, atomic_write_bytes, load_weights, save_safetensors
 
 nn = jt.nn
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-class ConfigError(ValueError):
-    """A config.json asks for something this implementation does not support."""
 
 
 def config_from_dict(config_class, data: Dict[str, Any], *, ignore: Iterable[str] = (), source: str = "config"):
@@ -98,16 +95,7 @@ class ModelMixin(nn.Module):
 
     @classmethod
     def load_config(cls, folder: str) -> Dict[str, Any]:
-        path = os.path.join(folder, "config.json")
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"model folder not found: {folder}")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder} has no config.json")
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return read_config_json(folder, "config.json", "model")
 
     @classmethod
     def from_pretrained(cls, folder: str, subfolder: Optional[str] = None, dtype: Optional[str] = None,

@@ -238,12 +238,13 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             with jt.no_grad():
                 x = jt.concat([latents, latents], dim=0) if do_cfg else latents
                 x = self.scheduler.scale_model_input(x, t)
-                eps = self.unet(x, float(t), context).sample                       # (2B or B, 4, h, w)
-                if do_cfg:
-                    eps_uncond, eps_text = eps[:batch], eps[batch:]
-                    eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+                # the UNet's prediction: the noise (epsilon) or v, as the scheduler's prediction_type says
+                model_output = self.unet(x, float(t), context).sample              # (2B or B, 4, h, w)
+                if do_cfg:   # classifier-free guidance (Ho & Salimans 2022)
+                    out_uncond, out_text = model_output[:batch], model_output[batch:]
+                    model_output = out_uncond + guidance_scale * (out_text - out_uncond)
                 noise = self.draw(gens, shape) if stochastic else None
-                latents = self.scheduler.step(eps, t, latents, noise=noise, **step_kwargs).prev_sample
+                latents = self.scheduler.step(model_output, t, latents, noise=noise, **step_kwargs).prev_sample
                 latents.sync()
             if callback is not None:
                 callback(i, t, latents)
@@ -252,3 +253,17 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             return StableDiffusionOutput(images=latents, seeds=seeds)
         images = self.decode_latents(latents)
         return StableDiffusionOutput(images=numpy_to_pil(images) if output_type == "pil" else images, seeds=seeds)
+
+
+def load_pipeline(model: Optional[str] = None, dtype: Optional[str] = None,
+                  scheduler: Optional[str] = None) -> StableDiffusionPipeline:
+    """The pipeline of a diffusers folder (None or "": the built-in tiny model), optionally cast to
+    `dtype` and with another scheduler (a diffusers class name, e.g. "DDIMScheduler")."""
+    from ..tiny import tiny_model_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(model or tiny_model_path(), dtype=dtype)
+    if scheduler:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
+        pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    return pipe

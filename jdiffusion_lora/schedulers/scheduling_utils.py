@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from .._runtime import jt
-from ..models.modeling import ConfigError
+from ..configuration import ConfigError, read_config_json
 from ..weights import atomic_write_bytes
 
 CONFIG_NAME = "scheduler_config.json"
@@ -316,19 +316,7 @@ class SchedulerMixin:
         """Read `scheduler_config.json` of a folder as a dict."""
         if subfolder:
             folder = os.path.join(folder, subfolder)
-        path = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isdir(folder):
-            raise FileNotFoundError(f"scheduler folder not found: {folder}")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}")
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return data
+        return read_config_json(folder, CONFIG_NAME, "scheduler")
 
     @classmethod
     def from_pretrained(cls, folder: str, subfolder: Optional[str] = None, **overrides):

@@ -12,9 +12,9 @@ Modules, one job each:
     adapters    LoRA injection / read-out for training, LoRA-GA
     checkpoint  atomic checkpoints, the LoRA files, resume
     sampling    sample images during training, their scores, the loss curve
-    metrics     JSONL, TensorBoard (tfevents), loss curve, image grids
+    logging     JSONL, TensorBoard (tfevents), progress bar, loss curve, image grids
     trainer     the training loop (start here)
-    plan        --dry-run
+    dry_run     --dry-run
 
 Entry point: `python -m jdiffusion_lora.cli train --config FILE.toml [--option value ...]`.
 """

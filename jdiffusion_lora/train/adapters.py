@@ -19,7 +19,7 @@ import numpy as np
 
 from .._runtime import jt
 from ..lora.layers import AdapterConfig
-from ..lora.model import adapted_layers, find_target_modules, get_adapter_weights, inject_adapter
+from ..lora.inject import adapted_layers, find_target_modules, get_adapter_weights, inject_adapter
 from ..lora.state import LoraState, ModuleLora
 from .optim import LoraPair
 

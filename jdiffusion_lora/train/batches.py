@@ -20,11 +20,11 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from .._runtime import jt
-from ..weights import atomic_write_bytes
+from ..image_files import list_images, save_png
 from .cache import LatentCache, latent_key, sample_latent, vae_fingerprint
 from .captions import CaptionOptions, caption_parts, render_caption, split_tags
 from .data import (STREAM_CLASS, STREAM_DATA, STREAM_NOISE, STREAM_VAE, STREAM_VALIDATION, DataError,
-                   ImageRecord, SampleOrder, crop_box, list_images, load_rgb, pixels, resized_size, sample_rng)
+                   ImageRecord, SampleOrder, crop_box, load_rgb, pixels, resized_size, sample_rng)
 from .noise import draw_noise, draw_timestep
 
 CLASS_OFFSET = 1 << 40      # noise streams of class sample i: index i + CLASS_OFFSET
@@ -209,13 +209,12 @@ def prepare_class_images(c, pipe, printer: Callable[[str], None] = print) -> Lis
         printer(f"prior preservation: generating {need} class image(s) of {c.class_prompt!r} "
                 f"into {c.class_data_dir}")
         os.makedirs(c.class_data_dir, exist_ok=True)
-        from .metrics import png_bytes
         pipe.set_progress_bar_config(disable=True)
         for k in range(need):
             seed = c.class_sample_seed + len(have) + k
             image = pipe(c.class_prompt, num_inference_steps=c.class_sample_steps, seed=seed,
                          height=c.resolution, width=c.resolution).images[0]
-            atomic_write_bytes(os.path.join(c.class_data_dir, f"class_{seed:06d}.png"), [png_bytes(image)])
+            save_png(image, os.path.join(c.class_data_dir, f"class_{seed:06d}.png"))
         have = list_images(c.class_data_dir)
     if not have:
         raise DataError(f"prior preservation: no class images in {c.class_data_dir} and num_class_images is 0")

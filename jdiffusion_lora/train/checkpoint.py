@@ -209,7 +209,7 @@ def lora_state(t: "Trainer", arrays: Optional[Dict[str, np.ndarray]] = None):
 
 def write_lora_files(t: "Trainer", folder: str, arrays: Optional[Dict[str, np.ndarray]] = None) -> List[str]:
     """Write the LoRA into `folder` in every format of `save_formats`; returns the paths."""
-    from ..lora.formats import save_lora_state
+    from ..lora.writing import save_lora_state
     c = t.c
     state = lora_state(t, arrays)
     paths = []

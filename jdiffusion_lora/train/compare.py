@@ -23,7 +23,8 @@ from ..metrics.hist import hist_scores
 from ..weights import atomic_write_bytes
 from .config import TrainConfig
 from .data import discover, load_rgb
-from .metrics import image_grid, save_png
+from ..image_files import save_png
+from .logging import image_grid
 
 COLUMNS = ("base", "no trigger", "LoRA")
 ADAPTER = "before_after"
@@ -43,7 +44,7 @@ def before_after(c: TrainConfig, lora: str, pipe=None, limit: int = 0,
     """Generate and score the three columns for every style of `c`; returns the result dict
     (also written to `<output_dir>/before_after.json`). `pipe`: the base pipeline (loaded from
     `c.base_model` when None); the LoRA is attached for the second pass and removed again."""
-    from .trainer import load_pipeline
+    from ..pipelines import load_pipeline
 
     data = discover(c)
     pipe = pipe or load_pipeline(c.base_model)

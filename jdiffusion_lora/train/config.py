@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hints
+
+from ..configuration import ConfigError
 
 
 @dataclass
@@ -173,10 +176,6 @@ CHOICES: Dict[str, tuple] = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type or out of range."""
-
-
 def _is_list(tp) -> bool:
     return get_origin(tp) in (list, List)
 
@@ -249,11 +248,26 @@ def load_toml(path: str) -> Dict[str, Any]:
     return flatten_toml(data)
 
 
+# Config files shipped under configs/ that were renamed: old file name -> new one (old spellings keep working).
+RENAMED_CONFIGS = {"seed.toml": "jittor-2024-pack.toml"}
+
+
+def renamed_config(path: str) -> str:
+    """`path`, or the renamed shipped config when `path` is an old name that no longer exists (with a note)."""
+    folder, name = os.path.split(path)
+    new = os.path.join(folder, RENAMED_CONFIGS.get(name, name))
+    if not os.path.exists(path) and new != path and os.path.isfile(new):
+        print(f"note: {path} is now {new} (the old name is deprecated)", file=sys.stderr)
+        return new
+    return path
+
+
 def build_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
     """Defaults <- TOML file <- overrides (already parsed, e.g. from the command line). Validated.
 
     Paths in the file are relative to the working directory, as on the command line.
     """
+    path = renamed_config(path) if path else path
     values: Dict[str, Any] = dict(load_toml(path)) if path else {}
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     config = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})

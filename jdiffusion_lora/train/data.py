@@ -31,7 +31,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 from PIL import Image, ImageOps
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+from ..image_files import list_images
+
 
 
 class DataError(ValueError):
@@ -71,17 +72,6 @@ class TrainingData:
 
 
 # ---------------------------------------------------------------------------- discovery
-
-def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def list_images(folder: str) -> List[str]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                  if _is_image(n) and os.path.isfile(os.path.join(folder, n)))
-
 
 def _read_json(path: str, what: str):
     try:

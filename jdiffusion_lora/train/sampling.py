@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from .metrics import image_grid, plot_curves, save_png
+from ..image_files import save_png
+from .logging import image_grid, plot_curves
 
 if TYPE_CHECKING:
     from .trainer import Trainer

@@ -12,7 +12,7 @@ uninterrupted one bit for bit (CPU).
 
 The helpers, one job per file: batches (samples and the latent cache), objective (the loss),
 adapters (LoRA injection, LoRA-GA), optim (groups, schedule, clipping), checkpoint (LoRA files,
-checkpoints, resume), sampling (sample images, their scores, the loss curve), metrics (logs).
+checkpoints, resume), sampling (sample images, their scores, the loss curve), logging (metrics.jsonl, TensorBoard).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from .._runtime import jt
+from ..pipelines import load_pipeline
 from ..weights import atomic_write_bytes
 from . import adapters as ad
 from .batches import Sample, SampleBuilder, prepare_class_images
@@ -35,7 +36,7 @@ from .checkpoint import (clear_old_checkpoints, latest_checkpoint, resolve_resum
                          write_final_lora)
 from .config import TrainConfig, to_toml
 from .data import ImageRecord, discover
-from .metrics import MetricsLog, progress_bar
+from .logging import MetricsLog, progress_bar
 from .objective import DenoisingLoss, NonFiniteLoss, check_model_fits, nonfinite_error, training_scheduler
 from .optim import Optimizer, build_param_groups, clip_scale, describe_groups, global_grad_norm, schedule_for
 from .sampling import plot_loss, sample_images
@@ -52,12 +53,6 @@ class TrainResult:
     loss_curve: Optional[str] = None
     last_loss: float = float("nan")
     signal: Optional[int] = None        # the signal that stopped the run
-
-
-def load_pipeline(base_model: str):
-    from ..pipelines.stable_diffusion import StableDiffusionPipeline
-    from ..tiny import tiny_model_path
-    return StableDiffusionPipeline.from_pretrained(base_model or tiny_model_path())
 
 
 def step_seed(seed: int, step: int) -> int:

@@ -1,6 +1,6 @@
 """A procedural image-caption data set: one flat-coloured shape on a flat background, 64x64.
 
-Used to pretrain the built-in tiny model (`tools/pretrain_tiny.py`) and, in tests, to check what it
+Used to pretrain the built-in tiny model (`python -m tools.pretrain_tiny`) and, in tests, to check what it
 draws. Captions read "a red circle on a blue background". Everything is drawn from a numpy
 `Generator`, so a seed fixes the data set exactly.
 

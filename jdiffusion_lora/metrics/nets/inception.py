@@ -19,8 +19,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .._runtime import jt
-from ..weights import WeightsError, load_weights
+from ..._runtime import jt
+from ...weights import WeightsError, load_weights
 from .nn_utils import BatchNorm2d, avg_pool_exclude_pad, drop_num_batches_tracked, max_pool, resize_bilinear
 
 nn = jt.nn

@@ -19,9 +19,9 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
-from .._runtime import jt
-from .clip import CLIPEncoder, CLIPTextConfig, CLIPTextModel, _activation
-from .modeling import ConfigError, ModelMixin, config_from_dict
+from ..._runtime import jt
+from ...models.clip import CLIPEncoder, CLIPTextConfig, CLIPTextModel, clip_activation
+from ...models.modeling import ConfigError, ModelMixin, config_from_dict
 
 nn = jt.nn
 
@@ -127,7 +127,7 @@ class CLIPVisionModel(ModelMixin):
 
     def __init__(self, config: CLIPVisionConfig):
         self.config = config
-        _activation(config.hidden_act)
+        clip_activation(config)
         self.vision_model = CLIPVisionTransformer(config)
 
     @classmethod

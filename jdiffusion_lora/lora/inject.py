@@ -11,14 +11,14 @@ at least one Linear/Conv2d, otherwise `LoraError` names it.
 from __future__ import annotations
 
 import re
-import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .._runtime import jt
 from .layers import Adapter, AdapterConfig, LoraLayer, init_adapter_tensors
-from .state import LoraError, ModuleLora
+from .adapter_math import LoraError, strict_or_warn
+from .state import ModuleLora
 
 nn = jt.nn
 
@@ -282,9 +282,7 @@ def load_adapter_weights(model, modules: Dict[str, ModuleLora], adapter_name: st
     if problems:
         msg = (f"{source}: {len(problems)} of {len(modules)} module(s) cannot be loaded into "
                f"{type(model).__name__}: " + "; ".join(problems))
-        if strict:
-            raise LoraError(msg)
-        warnings.warn(msg + " -- skipped (strict=False)")
+        strict_or_warn(msg, strict)
     return apply_adapter_plan(model, plan, adapter_name, multiplier)
 
 

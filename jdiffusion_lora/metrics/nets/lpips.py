@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._runtime import jt
-from ..weights import WeightsError, load_weights
+from ..._runtime import jt
+from ...weights import WeightsError, load_weights
 from .nn_utils import max_pool
 
 nn = jt.nn

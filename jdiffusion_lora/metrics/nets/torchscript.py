@@ -15,7 +15,7 @@ from typing import Dict
 
 import numpy as np
 
-from ..weights import TorchUnpickler, WeightsError, unpickle_torch_zip
+from ...weights import TorchUnpickler, WeightsError, unpickle_torch_zip
 
 
 class _ScriptObject:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import math
 import os
@@ -10,6 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageDraw, ImageFont
 
+from ..image_files import png_bytes, save_png
 from ..weights import atomic_write_bytes
 from .tfevents import EventWriter
 
@@ -72,16 +72,6 @@ def progress_bar(enabled: bool, total: int, initial: int):
         yield bar
     finally:
         bar.close()
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def save_png(image: Image.Image, path: str) -> None:
-    atomic_write_bytes(path, [png_bytes(image)])
 
 
 def smooth(values: Sequence[float], weight: float = 0.9) -> List[float]:

@@ -22,9 +22,9 @@ from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from .._runtime import jt
-from .layers import attention
-from .modeling import ConfigError, ModelMixin
+from ..._runtime import jt
+from ...models.layers import activation, attention
+from ...models.modeling import ConfigError, ModelMixin
 
 nn = jt.nn
 
@@ -84,20 +84,6 @@ def bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
         for k, w in enumerate(weights):
             m[i, min(max(base - 1 + k, 0), n_in - 1)] += w
     return m
-
-
-def _activation(name: str):
-    if name == "gelu":
-        return nn.gelu
-    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-        return lambda x: 0.5 * x * (1.0 + jt.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
-    if name == "quick_gelu":
-        return lambda x: x * jt.sigmoid(1.702 * x)
-    if name in ("silu", "swish"):
-        return nn.silu
-    if name == "relu":
-        return nn.relu
-    raise ConfigError(f"Dinov2Model: unsupported hidden_act {name!r}")
 
 
 @dataclass
@@ -193,7 +179,7 @@ class Dinov2LayerScale(nn.Module):
 class Dinov2MLP(nn.Module):
     def __init__(self, config: Dinov2Config):
         hidden = int(config.hidden_size * config.mlp_ratio)
-        self.act = _activation(config.hidden_act)
+        self.act = activation(config.hidden_act, what="Dinov2Model: hidden_act")
         self.fc1 = nn.Linear(config.hidden_size, hidden)
         self.fc2 = nn.Linear(hidden, config.hidden_size)
 
@@ -256,7 +242,7 @@ class Dinov2Model(ModelMixin):
 
     def __init__(self, config: Dinov2Config):
         self.config = config
-        _activation(config.hidden_act)
+        activation(config.hidden_act, what="Dinov2Model: hidden_act")
         self.embeddings = Dinov2Embeddings(config)
         self.encoder = Dinov2Encoder(config)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)

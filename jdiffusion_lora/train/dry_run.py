@@ -145,7 +145,7 @@ def dry_run(c, printer: Callable[[str], None] = print) -> int:
         out(f"  LoRA on {comp}: {layers} layers, rank {rank}, alpha {alpha:g}, {n:,} trainable parameters")
     out(f"  LoRA total: {lora_total:,} parameters ({_mb(lora_total * 4)} in fp32)")
     groups: Dict[str, List[int]] = {}
-    from ..lora.model import find_target_modules
+    from ..lora.inject import find_target_modules
     for comp in counts:
         targets = c.unet_targets if comp == "unet" else c.text_encoder_targets
         for name, m in find_target_modules(models[comp], list(targets)).items():

@@ -9,7 +9,7 @@ from typing import Dict
 
 import numpy as np
 
-from .._runtime import jt
+from ..._runtime import jt
 
 nn = jt.nn
 

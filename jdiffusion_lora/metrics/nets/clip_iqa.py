@@ -23,9 +23,9 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .._runtime import jt
-from ..models.layers import attention
-from ..weights import WeightsError, load_weights
+from ..._runtime import jt
+from ...models.layers import attention
+from ...weights import WeightsError, load_weights
 from .nn_utils import BatchNorm2d, drop_num_batches_tracked
 from .torchscript import is_torchscript_archive, read_torchscript_tensors
 
