@@ -32,6 +32,7 @@ def demo_run(tmp_path_factory):
     return c, result, before_after(c, result.lora_files[0], printer=lambda s: None)
 
 
+@pytest.mark.slow
 def test_lora_raises_hist_similarity_to_the_style(demo_run):
     c, _, result = demo_run
     rows = result["rows"]
@@ -40,6 +41,7 @@ def test_lora_raises_hist_similarity_to_the_style(demo_run):
     assert result["mean"]["LoRA"] - result["mean"]["base"] >= MIN_GAIN, format_table(result)
 
 
+@pytest.mark.slow
 def test_report_files(demo_run):
     c, _, result = demo_run
     with open(os.path.join(c.output_dir, "before_after.json")) as f:
@@ -59,6 +61,7 @@ def test_prompt_forms():
     assert len(style_prompts(Style(), limit=1)) == 1
 
 
+@pytest.mark.slow
 def test_base_images_do_not_depend_on_the_lora(demo_run, tmp_path):
     """The "base" column is the base model alone: a second report with another LoRA keeps it identical."""
     from jdiffusion_lora.weights import read_safetensors, save_safetensors

@@ -118,6 +118,7 @@ def test_lora_for_another_base_model_is_refused_before_writing(tmp_path, data):
     assert not any(f.endswith(".png") for _, _, fs in os.walk(out) for f in fs)
 
 
+@pytest.mark.slow
 def test_bad_lora_in_parallel_workers_is_one_clear_error(tmp_path, data):
     bad = write_tiny_lora(str(tmp_path / "sd2.safetensors"), width=1024)
     out = tmp_path / "out"
@@ -222,6 +223,7 @@ def _cli(script, *args, env=None):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_run_parallel_two_workers_equals_single_process(tmp_path, data, lora, reference):
     out = str(tmp_path / "par")
     r = _cli("run_parallel.py", "--data", data, "--lora", f"{lora}:0.8", "--steps", str(STEPS), "--out", out,
@@ -234,6 +236,7 @@ def test_run_parallel_two_workers_equals_single_process(tmp_path, data, lora, re
     assert workers == {"w0", "w1"}
 
 
+@pytest.mark.slow
 def test_dead_worker_items_are_picked_up(tmp_path, data, lora, reference):
     out = str(tmp_path / "crash")
     r = _cli("run_parallel.py", "--data", data, "--lora", f"{lora}:0.8", "--steps", str(STEPS), "--out", out,
@@ -243,6 +246,7 @@ def test_dead_worker_items_are_picked_up(tmp_path, data, lora, reference):
     assert _files(out) == _files(reference) and _manifest(out) == _manifest(reference)
 
 
+@pytest.mark.slow
 def test_all_workers_dead_then_rerun_finishes(tmp_path, data, lora, reference):
     out = str(tmp_path / "allcrash")
     args = ("--data", data, "--lora", f"{lora}:0.8", "--steps", str(STEPS), "--out", out, "--workers", "2",

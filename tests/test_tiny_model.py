@@ -90,6 +90,7 @@ def test_model_draws_the_prompted_colours(pipe, prompt):
     assert passed >= PASS_AT, f"{prompt!r}: {passed}/{len(PIXEL_SEEDS)} passed; saw {found}"
 
 
+@pytest.mark.slow
 def test_pretraining_rebuilds_identical_bytes(tmp_path):
     from tools import pretrain_tiny
     tiny_run = dict(seed=5, data=8, vae_steps=2, vae_batch=2, unet_steps=2, unet_batch=4, decoder_steps=2,

@@ -2,6 +2,8 @@
 import os
 import subprocess
 
+import pytest
+
 from jdiffusion_lora.cli import main
 
 from train_fixtures import REPO
@@ -28,6 +30,7 @@ def test_errors_name_the_problem(tmp_path, capsys):
     assert "lr_scheduler must be one of" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_sh_runs_end_to_end(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(["bash", os.path.join(REPO, "train.sh"), "--max-train-steps", "3", "--save-every", "2",

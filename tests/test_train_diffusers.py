@@ -15,6 +15,7 @@ from train_fixtures import config
 TOL = 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_trained_lora_loads_in_diffusers_with_the_same_output(tmp_path, fmt):
     model = tmp_path / "model"

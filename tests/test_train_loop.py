@@ -21,11 +21,17 @@ from train_fixtures import SEED_STYLE_00, config, make_competition_style, tiny_p
 # Attention LoRA plus conv_in / conv_out: enough capacity for a random UNet to fit in a few dozen steps.
 LEARN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out"]
 
+NOISE_AND_LOSS_OPTIONS = dict(noise_offset=0.05, multires_noise_iterations=3, perlin_noise_octaves=2,
+                              input_perturbation=0.1, min_snr_gamma=5.0, loss_type="huber",
+                              timestep_sampling="logit_normal", timestep_min=100, timestep_max=900,
+                              caption_dropout_rate=0.5, shuffle_caption=True, keep_tokens=1)
+
 
 def adapter_arrays(trainer):
     return ad.adapter_arrays(trainer.pairs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loss_on_training_images_falls(tmp_path, prediction_type):
     c = config(tmp_path, prediction_type=prediction_type, unet_targets=LEARN_TARGETS, learning_rate=2e-2,
@@ -40,6 +46,7 @@ def test_loss_on_training_images_falls(tmp_path, prediction_type):
     assert after < 0.7 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path):
     """6 steps straight == 3 steps, stop, resume, 3 steps: adapter weights, optimizer state and EMA
     bit-identical (dropout, flips, caption shuffles, text-encoder LoRA, cosine warmup all in play)."""
@@ -81,6 +88,7 @@ def _one_sgd_step(tmp_path, **kw):
     return {k: after[k] - before[k] for k in before}, metrics
 
 
+@pytest.mark.slow
 def test_accumulation_equals_one_big_batch(tmp_path):
     """SGD with lr 1 makes the update equal to minus the gradient: 3 micro-batches of 1 == one batch of 3."""
     big, _ = _one_sgd_step(tmp_path / "big", train_batch_size=3, max_grad_norm=0.0)
@@ -294,12 +302,71 @@ def test_prior_preservation_generates_class_images(tmp_path):
 
 
 def test_noise_and_loss_options_train(tmp_path):
-    c = config(tmp_path, max_train_steps=2, noise_offset=0.05, multires_noise_iterations=3, perlin_noise_octaves=2,
-               input_perturbation=0.1, min_snr_gamma=5.0, loss_type="huber", timestep_sampling="logit_normal",
-               timestep_min=100, timestep_max=900, caption_dropout_rate=0.5, shuffle_caption=True, keep_tokens=1,
-               optimizer="Adan", lr_scheduler="polynomial", lr_warmup_steps=1, cache_latents="none")
-    result = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None).run()
+    """Every option trains (2 steps, finite loss), and each changes what it should against the same
+    samples without it: the noise, the timesteps, the captions, the per-sample loss or its weights."""
+    import dataclasses
+    from jdiffusion_lora._runtime import jt
+    from jdiffusion_lora.train.batches import SampleBuilder
+    from jdiffusion_lora.train.objective import DenoisingLoss, min_snr_weights
+
+    c = config(tmp_path, max_train_steps=2, optimizer="Adan", lr_scheduler="polynomial", lr_warmup_steps=1,
+               cache_latents="none", **NOISE_AND_LOSS_OPTIONS)
+    t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
+    result = t.run()
     assert result.step == 2 and np.isfinite(result.last_loss)
+
+    off = {k: type(v)() for k, v in NOISE_AND_LOSS_OPTIONS.items()}    # 0, 0.0, False
+    off.update(loss_type="l2", timestep_sampling="uniform")
+    plain = dataclasses.replace(c, **off)
+
+    def with_option(**kw):
+        return dataclasses.replace(plain, **kw)
+
+    def samples(cfg, n=24):
+        builder = SampleBuilder(cfg, t.data, t.vae, t.num_train_timesteps)
+        return [builder.instance(i, 0) for i in range(n)]
+
+    def losses(cfg, batch):
+        loss = DenoisingLoss(cfg, t.unet, t.text_encoder, t.pipe.tokenizer, t.noise_scheduler, t.prediction_type)
+        with t.evaluating(), jt.no_grad():
+            total, per = loss(batch)
+            return float(total.item()), per.numpy()
+
+    base = samples(plain)
+    assert all(s.perturbation is None for s in base)
+    # noise: each noise option changes the noise of the same sample; the latents stay the same
+    for option in ({"noise_offset": 0.05}, {"multires_noise_iterations": 3}, {"perlin_noise_octaves": 2}):
+        changed = samples(with_option(**option))
+        assert all(np.array_equal(a.latent, b.latent) for a, b in zip(base, changed)), option
+        assert all(not np.allclose(a.noise, b.noise) for a, b in zip(base, changed)), option
+    assert all(s.perturbation is not None and s.perturbation.shape == s.noise.shape
+               for s in samples(with_option(input_perturbation=0.1)))
+    # timesteps: logit-normal in [timestep_min, timestep_max) differs from uniform over [0, T)
+    steps = [s.timestep for s in samples(with_option(timestep_sampling="logit_normal", timestep_min=100,
+                                                     timestep_max=900), n=64)]
+    assert min(steps) >= 100 and max(steps) < 900 and steps != [s.timestep for s in samples(plain, n=64)]
+    # captions: dropout empties some; shuffling keeps the first tag (the trigger) and the set of tags
+    dropped = samples(with_option(caption_dropout_rate=0.5))
+    assert 0 < sum(s.caption == "" for s in dropped) < len(dropped)
+    assert all(s.caption == "" or s.caption == b.caption for s, b in zip(dropped, base))
+    shuffled = samples(with_option(shuffle_caption=True, keep_tokens=1))
+    assert all(s.caption.split(",")[0] == b.caption.split(",")[0] for s, b in zip(shuffled, base))
+    assert all(sorted(s.caption.split(",")) == sorted(b.caption.split(",")) for s, b in zip(shuffled, base))
+    assert any(s.caption != b.caption for s, b in zip(shuffled, base))
+    # loss: input perturbation changes the prediction; Min-SNR only reweights the per-sample losses;
+    # pseudo-Huber is below the squared error everywhere
+    batch = base[:3] + [dataclasses.replace(base[3], timestep=10)]   # SNR(10) > 5: Min-SNR weighs it down
+    l2_total, l2_per = losses(plain, batch)
+    perturbed = samples(with_option(input_perturbation=0.1))[:3]
+    assert not np.allclose(losses(with_option(input_perturbation=0.1), perturbed)[1], l2_per[:3])
+    snr_total, snr_per = losses(with_option(min_snr_gamma=5.0), batch)
+    np.testing.assert_allclose(snr_per, l2_per, rtol=1e-5)
+    weights = min_snr_weights(np.asarray(t.noise_scheduler.alphas_cumprod, dtype=np.float64),
+                              np.array([s.timestep for s in batch]), 5.0, t.prediction_type)
+    assert weights[3] < 1.0
+    assert snr_total == pytest.approx(float((l2_per * weights).mean()), rel=1e-5) and snr_total < l2_total
+    _, huber_per = losses(with_option(loss_type="huber"), batch)
+    assert np.all(huber_per <= l2_per * (1 + 1e-5)) and not np.allclose(huber_per, l2_per)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
