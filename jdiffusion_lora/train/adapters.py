@@ -13,15 +13,37 @@ applies to the unmodified base model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .._runtime import jt
-from ..lora.layers import AdapterConfig
 from ..lora.inject import adapted_layers, find_target_modules, get_adapter_weights, inject_adapter
+from ..lora.layers import AdapterConfig
 from ..lora.state import LoraState, ModuleLora
-from .optim import LoraPair
+
+
+@dataclass
+class LoraPair:
+    """One adapted layer as the trainer sees it."""
+    name: str          # module path with its component, e.g. "unet.down_blocks.0...attn1.to_q"
+    component: str     # unet | text_encoder
+    down: "jt.Var"     # A, (r, in) for a Linear
+    up: "jt.Var"       # B, (out, r)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(np.prod(self.down.shape[1:]))
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
 
 ADAPTER = "style"
 COMPONENTS = ("unet", "text_encoder")

@@ -11,7 +11,8 @@ import numpy as np
 from . import adapters as ad
 from .captions import CaptionOptions, token_length, truncated_text
 from .data import SampleOrder, discover
-from .optim import LoraPair, lr_lambda, pair_learning_rates
+from .adapters import LoraPair
+from .optim import lr_lambda, pair_learning_rates
 
 
 def _load_components(folder: str):

@@ -16,33 +16,12 @@ weight_decay 1e-2; Jittor's own default weight_decay is 0).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Sequence
 
 import numpy as np
 
 from .._runtime import jt
-
-
-@dataclass
-class LoraPair:
-    """One adapted layer as the trainer sees it."""
-    name: str          # module path with its component, e.g. "unet.down_blocks.0...attn1.to_q"
-    component: str     # unet | text_encoder
-    down: "jt.Var"     # A, (r, in) for a Linear
-    up: "jt.Var"       # B, (out, r)
-
-    @property
-    def rank(self) -> int:
-        return int(self.down.shape[0])
-
-    @property
-    def in_features(self) -> int:
-        return int(np.prod(self.down.shape[1:]))
-
-    @property
-    def out_features(self) -> int:
-        return int(self.up.shape[0])
+from .adapters import LoraPair
 
 
 # ---------------------------------------------------------------------------- parameter groups
