@@ -11,13 +11,14 @@ float32 (exactly) and `load_weights(..., return_dtypes=True)` reports their file
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
 import tempfile
 import zipfile
 from collections import OrderedDict
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -50,7 +51,11 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- safetensors
 
 def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Dict[str, str]]:
-    """Returns (tensors, file dtypes by name, header metadata)."""
+    """Returns (tensors, file dtypes by name, header metadata).
+
+    The header is untrusted: every entry's dtype, shape and byte range is checked against the
+    data section before an array is made, and anything malformed is a WeightsError naming the file.
+    """
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -61,40 +66,82 @@ def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str], 
             raise WeightsError(f"{path}: corrupt safetensors header (claims {n} bytes, file has {size})")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise WeightsError(f"{path}: corrupt safetensors header ({e})") from None
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise WeightsError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
         data = f.read()
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     tensors, dtypes = {}, {}
     for name, info in header.items():
-        start, end = info["data_offsets"]
-        if end > len(data):
-            raise WeightsError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte "
-                               f"{end} of the data section, which has {len(data)})")
+        dt, shape, start, end = _check_safetensors_entry(path, name, info, len(data))
         raw = data[start:end]
-        dt, shape = info["dtype"], tuple(info["shape"])
         if dt == "BF16":
             arr = bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2"))
-        elif dt in _ST_TO_NP:
-            arr = np.frombuffer(raw, dtype=np.dtype(_ST_TO_NP[dt]).newbyteorder("<")).astype(_ST_TO_NP[dt])
         else:
-            raise WeightsError(f"{path}: tensor {name!r} has unsupported dtype {dt}")
-        if arr.size != int(np.prod(shape)):
-            raise WeightsError(f"{path}: tensor {name!r} has {arr.size} values for shape {shape}")
+            arr = np.frombuffer(raw, dtype=np.dtype(_ST_TO_NP[dt]).newbyteorder("<")).astype(_ST_TO_NP[dt])
         tensors[name] = arr.reshape(shape)
         dtypes[name] = dt
     return tensors, dtypes, metadata
 
 
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_safetensors_entry(path: str, name: str, info, data_size: int):
+    """(dtype, shape, start, end) of one header entry, after checking it against the data section."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise WeightsError(f"{where}: header entry is not an object")
+    dt, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if dt != "BF16" and dt not in _ST_TO_NP:
+        raise WeightsError(f"{where} has unsupported dtype {dt!r}")
+    if not isinstance(shape, list) or not all(_is_index(d) and d >= 0 for d in shape):
+        raise WeightsError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise WeightsError(f"{where}: data_offsets {offsets!r} is not a [start, end] byte range")
+    start, end = offsets
+    if end > data_size:
+        raise WeightsError(f"{path}: truncated safetensors file (tensor {name!r} ends at byte "
+                           f"{end} of the data section, which has {data_size})")
+    itemsize = 2 if dt == "BF16" else np.dtype(_ST_TO_NP[dt]).itemsize
+    numel = math.prod(shape)
+    if numel * itemsize != end - start:
+        raise WeightsError(f"{where}: shape {tuple(shape)} of {dt} needs {numel * itemsize} bytes, "
+                           f"its data_offsets span {end - start}")
+    return dt, tuple(shape), start, end
+
+
+TEMP_PREFIX = ".tmp-"   # atomic_write_bytes' temp files: .tmp-<pid>-<random>
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: str, mode: int = 0o666) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the mode a plain open()/mkdir() would (mode & ~umask)."""
+    os.chmod(path, mode & ~_umask())
+
+
 def atomic_write_bytes(path: str, chunks) -> None:
     """Write byte chunks to `path` through a temp file in the same folder and a rename.
 
-    A crash or a full disk never leaves a half-written file under `path`.
+    A crash or a full disk never leaves a half-written file under `path`; a killed process leaves
+    at most a temp file named `.tmp-<pid>-...`, which `remove_stale_temp_files` deletes later. The
+    file gets the usual permissions (0666 & ~umask), as if written directly.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
@@ -105,6 +152,39 @@ def atomic_write_bytes(path: str, chunks) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def remove_stale_temp_files(folder: str) -> List[str]:
+    """Delete the temp files `atomic_write_bytes` left under `folder` (recursively) when a process was killed.
+
+    Only files named `.tmp-<pid>-...` whose process is gone are removed (a live writer's file is
+    kept, so two jobs sharing a folder never break each other). Returns the paths removed.
+    """
+    removed = []
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            pid = name[len(TEMP_PREFIX):].split("-", 1)[0]
+            if pid.isdigit() and (int(pid) == os.getpid() or _pid_alive(int(pid))):
+                continue
+            path = os.path.join(root, name)
+            try:
+                os.remove(path)
+                removed.append(path)
+            except FileNotFoundError:
+                pass
+    return removed
 
 
 def save_safetensors(tensors: Dict[str, np.ndarray], path: str, metadata: Optional[Dict[str, str]] = None,
@@ -148,8 +228,57 @@ class _StorageType:
         self.name = name
 
 
+class _Storage:
+    """One `data/<key>` entry of the archive as a flat numpy array (bfloat16 kept as raw uint16 bits)."""
+
+    def __init__(self, key: str, type_name: str, flat: np.ndarray, bf16: bool):
+        self.key, self.type_name, self.flat, self.bf16 = key, type_name, flat, bf16
+
+
+class _TensorRef:
+    """A tensor as the pickle describes it: storage, offset, size, stride, none of it checked yet.
+
+    It becomes an array in `_materialize`, once its key is known, so a bad geometry can be
+    reported as "file, key, what is wrong" and no view is ever made of unchecked numbers.
+    """
+
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
+
+    def to_numpy(self, path: str, key: str) -> np.ndarray:
+        where = f"{path}: tensor {key!r}"
+        st = self.storage
+        if not isinstance(st, _Storage):
+            raise WeightsError(f"{where} is not backed by a storage record")
+        size, stride, offset = self.size, self.stride, self.offset
+        if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+                and all(_is_index(v) for v in (*size, *stride)) and _is_index(offset)):
+            raise WeightsError(f"{where}: malformed geometry (size {size!r}, stride {stride!r}, offset {offset!r})")
+        if offset < 0 or any(v < 0 for v in (*size, *stride)):
+            raise WeightsError(f"{where}: negative size, stride or offset (size {size}, stride {stride}, "
+                               f"offset {offset})")
+        n_storage = st.flat.size
+        numel = math.prod(size)
+        if numel == 0:
+            arr = np.zeros(size, dtype=st.flat.dtype)
+        else:
+            last = offset + sum((n - 1) * s for n, s in zip(size, stride))  # the highest element read
+            if last >= n_storage:
+                raise WeightsError(f"{where}: size {size}, stride {stride} and offset {offset} reach element "
+                                   f"{last} of storage data/{st.key}, which holds {n_storage} "
+                                   f"{st.type_name} element(s)")
+            if numel > n_storage:
+                raise WeightsError(f"{where}: shape {size} has {numel} values, more than its storage "
+                                   f"data/{st.key} holds ({n_storage})")
+            itemsize = st.flat.dtype.itemsize
+            # Every element read lies in [offset, last] of the storage: checked above.
+            arr = np.array(np.lib.stride_tricks.as_strided(st.flat[offset:], shape=size,
+                                                           strides=tuple(s * itemsize for s in stride)))
+        return bf16_bits_to_float32(arr) if st.bf16 else arr
+
+
 class _TorchUnpickler(pickle.Unpickler):
-    """Rebuilds tensors as numpy arrays; refuses every other global (no code runs)."""
+    """Rebuilds tensors (as unchecked `_TensorRef`s) and plain containers; refuses every other global."""
 
     def __init__(self, fh, read_storage):
         super().__init__(fh)
@@ -167,35 +296,50 @@ class _TorchUnpickler(pickle.Unpickler):
             return _StorageType(name)
         if module == "torch" and name == "Size":
             return tuple
-        raise WeightsError(f"torch pickle refers to {module}.{name}, which is not a tensor; refusing to load it")
+        raise WeightsError(f"torch pickle refers to {module}.{name}, which is not a tensor; refusing to load it "
+                           f"(no code from a weights file is ever run)")
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, numel = pid
-        if kind != "storage":
-            raise WeightsError(f"unknown persistent id {kind!r} in torch pickle")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _is_index(pid[4])):
+            raise WeightsError(f"unknown persistent id {pid!r:.80} in torch pickle")
+        _kind, storage_type, key, _location, numel = pid
         return self._read_storage(key, storage_type.name, numel)
 
     @staticmethod
     def _rebuild_tensor(storage, offset, size, stride, *unused):
-        flat, bf16 = storage
-        itemsize = flat.dtype.itemsize
-        if len(size) == 0:
-            arr = flat[offset:offset + 1].reshape(())
-        else:
-            arr = np.lib.stride_tricks.as_strided(flat[offset:], shape=tuple(size),
-                                                  strides=tuple(s * itemsize for s in stride))
-        arr = np.array(arr)  # own the memory, contiguous
-        return bf16_bits_to_float32(arr) if bf16 else arr
+        return _TensorRef(storage, offset, size, stride)
 
 
 TorchUnpickler = _TorchUnpickler  # public name for readers of other torch zip archives (TorchScript)
 
 
+def _materialize(obj, path: str, key: str, seen: set):
+    """Replace every `_TensorRef` in an unpickled tree by its checked numpy array (key = where it sits)."""
+    if isinstance(obj, _TensorRef):
+        return obj.to_numpy(path, key or "<root>")
+    if id(obj) in seen:          # a pickle can build cycles
+        return obj
+    seen.add(id(obj))
+    join = (lambda k: f"{key}.{k}") if key else str
+    if isinstance(obj, dict):
+        for k in list(obj):
+            obj[k] = _materialize(obj[k], path, join(k), seen)
+    elif isinstance(obj, list):
+        obj[:] = [_materialize(v, path, join(i), seen) for i, v in enumerate(obj)]
+    elif isinstance(obj, tuple):
+        return tuple(_materialize(v, path, join(i), seen) for i, v in enumerate(obj))
+    elif isinstance(getattr(obj, "attrs", None), dict):   # TorchScript module objects
+        _materialize(obj.attrs, path, key, seen)
+    return obj
+
+
 def unpickle_torch_zip(path: str, unpickler_class=_TorchUnpickler, what: str = "torch checkpoint"):
     """Unpickle `data.pkl` of a torch zip archive, tensors rebuilt from its `data/` entries as numpy.
 
-    `unpickler_class` (a `TorchUnpickler` subclass) decides which globals are allowed.
-    Damaged archives raise WeightsError naming the file.
+    `unpickler_class` (a `TorchUnpickler` subclass) decides which globals are allowed. Every
+    tensor's storage, dtype size, offset, shape and strides are checked before an array is made.
+    Anything damaged or hostile raises WeightsError naming the file (and the tensor).
     """
     try:
         zf = zipfile.ZipFile(path)
@@ -203,22 +347,57 @@ def unpickle_torch_zip(path: str, unpickler_class=_TorchUnpickler, what: str = "
         if not pkl:
             raise WeightsError(f"{path}: zip file has no data.pkl, not a {what}")
         prefix = pkl[0][: -len("data.pkl")]
+        storages: Dict[str, _Storage] = {}
 
         def read_storage(key, type_name, numel):
-            raw = zf.read(f"{prefix}data/{key}")
+            if key in storages:
+                return storages[key]
+            name = f"{prefix}data/{key}"
             dt = _TORCH_STORAGE_DTYPES[type_name]
+            itemsize = 2 if dt == "bf16" else np.dtype(dt).itemsize
+            info = zf.getinfo(name)
+            if info.file_size != numel * itemsize:
+                raise WeightsError(f"{path}: storage data/{key} holds {info.file_size} bytes, but the pickle "
+                                   f"declares {numel} {type_name} element(s) of {itemsize} bytes")
+            if info.compress_type != zipfile.ZIP_STORED and info.file_size > 1000 * info.compress_size + (1 << 20):
+                raise WeightsError(f"{path}: storage data/{key} expands {info.compress_size} -> "
+                                   f"{info.file_size} bytes; refusing it")
+            raw = zf.read(name)
             if dt == "bf16":
-                return np.frombuffer(raw, dtype="<u2"), True
-            return np.frombuffer(raw, dtype=np.dtype(dt).newbyteorder("<")).astype(dt), False
+                flat, bf16 = np.frombuffer(raw, dtype="<u2"), True
+            else:
+                flat, bf16 = np.frombuffer(raw, dtype=np.dtype(dt).newbyteorder("<")).astype(dt), False
+            storages[key] = _Storage(key, type_name, flat, bf16)
+            return storages[key]
 
         with zf.open(pkl[0]) as fh:
-            return unpickler_class(fh, read_storage).load()
-    except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError, struct.error) as e:
+            obj = unpickler_class(fh, read_storage).load()
+        return _materialize(obj, path, "", set())
+    except WeightsError as e:
+        if str(e).startswith(f"{path}:"):
+            raise
+        raise WeightsError(f"{path}: {e}") from None
+    except RecursionError:
+        raise WeightsError(f"{path}: corrupt {what} (nested too deeply)") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, KeyError, pickle.UnpicklingError, struct.error,
+            ValueError, TypeError, AttributeError, IndexError, OverflowError, UnicodeDecodeError,
+            MemoryError, OSError, NotImplementedError, RuntimeError, ImportError) as e:
+        # The pickle machine and the zip reader report damage as any of these.
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            raise
         raise WeightsError(f"{path}: corrupt or truncated {what} ({type(e).__name__}: {e})") from None
 
 
+def is_zip(path: str) -> bool:
+    """zipfile.is_zipfile, except that a damaged end record means "no" instead of an exception."""
+    try:
+        return zipfile.is_zipfile(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, struct.error):
+        return False
+
+
 def read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
-    if not zipfile.is_zipfile(path):
+    if not is_zip(path):
         with open(path, "rb") as f:
             magic = f.read(2)
         if magic == b"\x80\x02":
@@ -229,6 +408,9 @@ def read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise WeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    bad = [k for k, v in obj.items() if isinstance(v, np.ndarray) and not isinstance(k, str)]
+    if bad:
+        raise WeightsError(f"{path}: tensor names must be strings, found {bad[0]!r}")
     return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
 
 

@@ -77,8 +77,10 @@ class LatentCache:
         if self.mode == "disk" and os.path.isfile(self._path(key)):
             try:
                 arr = np.load(self._path(key), allow_pickle=False)
-            except (OSError, ValueError):
+            except (OSError, ValueError, EOFError):
                 arr = None  # a damaged cache file: encode again
+            if arr is not None and (arr.dtype != np.float32 or arr.ndim != 3 or arr.shape[0] % 2):
+                arr = None  # not (2C, h, w) moments: encode again
             if arr is not None:
                 self.memory[key] = arr
                 self.hits += 1

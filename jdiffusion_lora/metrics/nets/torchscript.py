@@ -15,7 +15,7 @@ from typing import Dict
 
 import numpy as np
 
-from ...weights import TorchUnpickler, WeightsError, unpickle_torch_zip
+from ...weights import TorchUnpickler, WeightsError, is_zip, unpickle_torch_zip
 
 
 class _ScriptObject:
@@ -43,10 +43,13 @@ class _ScriptUnpickler(TorchUnpickler):
 
 def is_torchscript_archive(path: str) -> bool:
     """True for a zip with `code/` entries next to `data.pkl` (what torch.jit.save writes)."""
-    if not zipfile.is_zipfile(path):
+    if not is_zip(path):
         return False
-    with zipfile.ZipFile(path) as zf:
-        names = zf.namelist()
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
     return any("/code/" in n or n.startswith("code/") for n in names) and any(n.endswith("data.pkl") for n in names)
 
 
