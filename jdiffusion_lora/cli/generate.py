@@ -57,6 +57,15 @@ def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
                    help="worker processes: a number, or 'auto' (one per GPU, else 2 CPU processes)")
     r.add_argument("--overwrite", action="store_true", help="redo images that already exist")
     r.add_argument("--no-progress", action="store_true")
+    from ..train.config import accept_negative_numbers
+    accept_negative_numbers(p)
+
+
+def check_arguments(args) -> None:
+    """Numeric options in range (ConfigError naming the option and the range)."""
+    from ..train.config import AT_LEAST_1, GUIDANCE, PIXELS, SEED_RANGE, check_ranges
+    check_ranges(vars(args), {"steps": AT_LEAST_1, "guidance": GUIDANCE, "size": PIXELS, "height": PIXELS,
+                              "width": PIXELS, "seed": SEED_RANGE, "batch_size": AT_LEAST_1})
 
 
 def add_parser(subparsers) -> None:
@@ -80,6 +89,7 @@ def run(args) -> int:
     from ..generate import GenerateSettings, LoraSpec, build_items, read_inputs, run_job
     from ..tiny import tiny_model_path
 
+    check_arguments(args)
     styles = [s for s in args.styles.split(",") if s.strip()] if args.styles else None
     if not args.data and not args.prompts:
         raise ValueError("give --data (dataset root with <NN>/prompt.json) or --prompts FILE")

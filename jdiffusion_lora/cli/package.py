@@ -1,6 +1,6 @@
 """`package`: check a generated folder against the prompts and write the submission zip + contact sheets.
 
-    python -m jdiffusion_lora.cli package --out outputs/sub --data styles --size 512
+    python -m jdiffusion_lora.cli package --out outputs/sub --data styles --size 512 [--zip [PATH]] [--sheets [DIR]]
 
 Exit code 0 when the folder is complete (and the zip was written), 1 when something is missing,
 extra, misnamed or bad (each one is listed), 2 for bad arguments.
@@ -22,8 +22,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--styles", default=None, help="comma-separated style ids (default: all)")
     p.add_argument("--size", default=None,
                    help="expected image size, 512 or 512x512 (default: the size recorded in manifest.json)")
-    p.add_argument("--zip", default=None, help="zip to write (default: <out>.zip)")
-    p.add_argument("--sheets", default=None, help="contact-sheet folder (default: <out>_sheets)")
+    p.add_argument("--zip", nargs="?", const=None, default=None, metavar="PATH",
+                   help="zip to write (written by default; a bare --zip means <out>.zip)")
+    p.add_argument("--sheets", nargs="?", const=None, default=None, metavar="DIR",
+                   help="contact-sheet folder (written by default; a bare --sheets means <out>_sheets)")
     p.add_argument("--no-sheets", action="store_true")
     p.add_argument("--check-only", action="store_true", help="check, write nothing")
     p.add_argument("--images-only", action="store_true", help="leave manifest.json and SHA256SUMS out of the zip")

@@ -24,6 +24,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file(s) to apply")
     p.add_argument("--out", default="outputs/txt2img", help="output folder")
     p.set_defaults(func=run)
+    from ..train.config import accept_negative_numbers
+    accept_negative_numbers(p)
+
+
+def check_arguments(args) -> None:
+    """Numeric options in range (ConfigError naming the option and the range)."""
+    from ..train.config import AT_LEAST_1, GUIDANCE, PIXELS, SEED_RANGE, check_ranges
+    check_ranges(vars(args), {"steps": AT_LEAST_1, "guidance": GUIDANCE, "num_images": AT_LEAST_1,
+                              "height": PIXELS, "width": PIXELS, "seed": SEED_RANGE})
 
 
 def run(args) -> int:
@@ -31,6 +40,7 @@ def run(args) -> int:
     from ..pipelines import load_pipeline
     from ..tiny import tiny_model_path
 
+    check_arguments(args)
     model = args.model or tiny_model_path()
     pipe = load_pipeline(model, scheduler=args.scheduler)
     for i, spec in enumerate(args.lora):

@@ -25,6 +25,7 @@ from typing import Dict, List, Sequence
 
 from tqdm.auto import tqdm
 
+from ..weights import remove_stale_temp_files
 from .manifest import fingerprint, write_manifest
 from .plan import Item
 from .runner import GenerateSettings, generate_items, job_description, load_job_pipeline, pending_items
@@ -57,6 +58,7 @@ def run_job(items: Sequence[Item], settings: GenerateSettings, out_dir: str, wor
             overwrite: bool = False, progress: bool = True) -> JobResult:
     """Generate every item not already done under `out_dir`, with `workers` processes (1 = in this process)."""
     settings.check()
+    remove_stale_temp_files(out_dir)   # what a killed run's atomic writes left behind (workers start after)
     t0 = time.time()
     job = job_description(settings)
     todo = pending_items(items, out_dir, job, overwrite)

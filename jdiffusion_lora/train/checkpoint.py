@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import numpy as np
 
 from .._runtime import jt
-from ..weights import atomic_write_bytes, read_safetensors, save_safetensors
+from ..weights import apply_umask, atomic_write_bytes, read_safetensors, save_safetensors
 from . import adapters as ad
 from .config import as_dict
 
@@ -90,6 +90,7 @@ def write_checkpoint(output_dir: str, step: int, write_files: Callable[[str], No
     final = os.path.join(root, name)
     tmp = tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root)
     try:
+        apply_umask(tmp, 0o777)   # mkdtemp makes it 0700; a checkpoint folder is like any other folder
         write_files(tmp)
         if not os.path.isfile(os.path.join(tmp, STATE_DIR, "state.json")):
             raise CheckpointError("internal error: a checkpoint without training_state/state.json")

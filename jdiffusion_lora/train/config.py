@@ -8,7 +8,9 @@ comma-separated). Unknown keys are errors, so a typo never silently falls back t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import sys
 import tomllib
 from dataclasses import dataclass, field
@@ -176,6 +178,73 @@ CHOICES: Dict[str, tuple] = {
 }
 
 
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of a numeric option: finite, within [lo, hi] (either end open), a multiple of `step`."""
+    lo: Optional[float] = None
+    hi: Optional[float] = None
+    lo_open: bool = False
+    hi_open: bool = False
+    multiple_of: int = 0
+
+    def allows(self, v) -> bool:
+        if isinstance(v, float) and not math.isfinite(v):
+            return False
+        if self.lo is not None and not (v > self.lo if self.lo_open else v >= self.lo):
+            return False
+        if self.hi is not None and not (v < self.hi if self.hi_open else v <= self.hi):
+            return False
+        return not self.multiple_of or v % self.multiple_of == 0
+
+    def describe(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo}"
+        elif self.hi is not None:
+            text = f"{'<' if self.hi_open else '<='} {self.hi}"
+        else:
+            text = "a finite number"
+        return f"a multiple of {self.multiple_of} {text}" if self.multiple_of else text
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
+PROBABILITY, BELOW_1 = Range(0, 1), Range(0, 1, hi_open=True)
+SEED_RANGE = Range(0, 2 ** 32 - 1)
+PIXELS = Range(8, multiple_of=8)   # the VAE halves the size three times
+GUIDANCE = Range(0)
+
+# Every int / float option of TrainConfig (a test checks none is missing).
+RANGES: Dict[str, Range] = {
+    "seed": SEED_RANGE, "max_train_steps": AT_LEAST_1, "resolution": PIXELS, "flip_p": PROBABILITY,
+    "keep_tokens": AT_LEAST_0, "caption_dropout_rate": PROBABILITY, "caption_dropout_every_n_epochs": AT_LEAST_0,
+    "caption_tag_dropout_rate": PROBABILITY, "token_warmup_min": AT_LEAST_1, "token_warmup_step": AT_LEAST_0,
+    "max_token_length": AT_LEAST_1, "num_class_images": AT_LEAST_0, "prior_loss_weight": AT_LEAST_0,
+    "class_sample_steps": AT_LEAST_1, "class_sample_seed": SEED_RANGE, "vae_batch_size": AT_LEAST_1,
+    "rank": AT_LEAST_1, "lora_alpha": AT_LEAST_0, "lora_dropout": BELOW_1, "lora_ga_batches": AT_LEAST_1,
+    "lora_ga_gamma": POSITIVE, "huber_c": POSITIVE, "min_snr_gamma": AT_LEAST_0, "noise_offset": AT_LEAST_0,
+    "multires_noise_iterations": AT_LEAST_0, "multires_noise_discount": PROBABILITY,
+    "perlin_noise_octaves": AT_LEAST_0, "perlin_noise_persistence": Range(0, 1, lo_open=True),
+    "perlin_noise_perturbation": AT_LEAST_0, "input_perturbation": AT_LEAST_0, "timestep_min": AT_LEAST_0,
+    "timestep_max": AT_LEAST_0, "logit_mean": Range(), "logit_std": POSITIVE,
+    "learning_rate": POSITIVE, "unet_lr": AT_LEAST_0, "text_encoder_lr": AT_LEAST_0, "adam_beta1": BELOW_1,
+    "adam_beta2": BELOW_1, "adam_epsilon": POSITIVE, "weight_decay": AT_LEAST_0, "momentum": BELOW_1,
+    "loraplus_ratio": AT_LEAST_0, "lr_warmup_steps": AT_LEAST_0, "lr_num_cycles": AT_LEAST_1, "lr_power": POSITIVE,
+    "train_batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1, "max_grad_norm": AT_LEAST_0,
+    "ema_decay": BELOW_1, "save_every": AT_LEAST_0, "keep_last": AT_LEAST_0, "log_every": AT_LEAST_1,
+    "sample_every": AT_LEAST_0, "sample_seed": SEED_RANGE, "sample_steps": AT_LEAST_1, "sample_guidance": GUIDANCE,
+    "before_after_prompts": AT_LEAST_0, "validation_every": AT_LEAST_0, "validation_seed": SEED_RANGE,
+}
+
+
+def check_ranges(values: Dict[str, Any], ranges: Dict[str, Range]) -> None:
+    """Raise ConfigError for the first value outside its range, naming the option, its flag and the range."""
+    for name, rule in ranges.items():
+        value = values.get(name)
+        if value is not None and not rule.allows(value):
+            raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {rule.describe()}, got {value!r}")
+
+
 def _is_list(tp) -> bool:
     return get_origin(tp) in (list, List)
 
@@ -284,16 +353,7 @@ def validate(c: TrainConfig) -> None:
             raise ConfigError(f"save_formats entries must be 'diffusers' or 'kohya', got {fmt!r}")
     if not c.save_formats:
         raise ConfigError("save_formats must name at least one format (diffusers, kohya)")
-    positive = ("max_train_steps", "resolution", "rank", "train_batch_size", "gradient_accumulation_steps",
-                "vae_batch_size", "max_token_length", "log_every", "lr_num_cycles")
-    for name in positive:
-        if getattr(c, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(c, name)}")
-    for name in ("flip_p", "caption_dropout_rate", "caption_tag_dropout_rate", "lora_dropout", "ema_decay"):
-        if not 0.0 <= getattr(c, name) <= 1.0:
-            raise ConfigError(f"{name} must be in [0, 1], got {getattr(c, name)}")
-    if c.ema_decay >= 1.0:
-        raise ConfigError("ema_decay must be < 1")
+    check_ranges(as_dict(c), RANGES)
     if c.adaptive_lr and c.loraplus_ratio > 0:
         raise ConfigError("choose adaptive_lr or loraplus_ratio, not both")
     if c.lora_init == "lora_ga" and c.lora_dropout > 0:
@@ -338,6 +398,7 @@ def as_dict(c: TrainConfig) -> Dict[str, Any]:
 def add_arguments(parser) -> None:
     """One `--option` per config field (default None: only options given override the file)."""
     import argparse
+    accept_negative_numbers(parser)
     group = parser.add_argument_group("config options (override the TOML file)")
     for f in dataclasses.fields(TrainConfig):
         tp = FIELD_TYPES[f.name]
@@ -352,6 +413,15 @@ def add_arguments(parser) -> None:
         else:
             meta = "A,B,..." if _is_list(tp) else f.name.upper()
             group.add_argument(*names, dest=f"cfg_{f.name}", default=None, metavar=meta, help=help_text)
+
+
+# argparse takes "-1e-3" for an option name unless told that such strings are numbers.
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$|^-inf$|^-nan$")
+
+
+def accept_negative_numbers(parser) -> None:
+    """Let `--learning-rate -1e-3` (space form) reach the range check instead of failing to parse."""
+    parser._negative_number_matcher = _NEGATIVE_NUMBER
 
 
 def overrides_from_args(args) -> Dict[str, Any]:

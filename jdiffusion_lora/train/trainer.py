@@ -28,7 +28,7 @@ import numpy as np
 
 from .._runtime import jt
 from ..pipelines import load_pipeline
-from ..weights import atomic_write_bytes
+from ..weights import atomic_write_bytes, remove_stale_temp_files
 from . import adapters as ad
 from .batches import Sample, SampleBuilder, prepare_class_images
 from .cache import TextCache
@@ -233,6 +233,7 @@ class Trainer:
         """config.toml and the metrics log in output_dir; print what is trained."""
         c = self.c
         os.makedirs(c.output_dir, exist_ok=True)
+        remove_stale_temp_files(c.output_dir)   # what a killed run's atomic writes left behind
         atomic_write_bytes(os.path.join(c.output_dir, "config.toml"), [to_toml(c).encode()])
         self.metrics = MetricsLog(c.output_dir, c.tensorboard, resume_step=self.start_step if self.start_step else None)
         self.print(f"training {len(self.records)} image(s) of {self.n_styles} style(s) "
