@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train one style LoRA. With no arguments: demo style 00 on the built-in pretrained tiny model
+# Train one style LoRA. With no arguments: demo style 01 on the built-in pretrained tiny model
 # (configs/demo.toml), then a before/after hist table and a side-by-side PNG (outputs/demo/before_after.png).
 #   bash train.sh                                  # the demo
 #   bash train.sh --styles 01 --max-train-steps 50 # any option overrides the config

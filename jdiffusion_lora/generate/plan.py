@@ -195,15 +195,18 @@ def build_items(inputs: List[StyleInput], llm: Dict[str, dict], template: str = 
                 warnings.warn(f"style {s.style} prompt {prompt!r}: characters not allowed in file names; "
                               f"the file is {s.style}/{stem}.png (unescape_stem gives the prompt back)")
             if len(stem.encode("utf-8")) > MAX_STEM_BYTES:
-                problems.append(f"style {s.style} key {key}: prompt too long for a file name "
-                                f"({len(stem.encode())} bytes > {MAX_STEM_BYTES})")
+                problems.append(f"style {s.style} key {key}: prompt {prompt[:40]!r}... is too long to be a file "
+                                f"name: {len(stem.encode())} bytes, at most {MAX_STEM_BYTES} bytes (UTF-8, after "
+                                f"escaping) are allowed -- shorten it in prompt.json, or map it to a short name in a "
+                                f'--prompts file ({{"{s.style}": {{"{key}": "short name"}}}}); the file stem is the '
+                                f"prompt, which the scorer reads as the image's text")
                 continue
             if stem.lower() in seen:
                 msg = f"style {s.style}: duplicate prompt {prompt!r} (keys {seen[stem.lower()]} and {key})"
                 if dedupe:
                     warnings.warn(msg + "; keeping the first")
                     continue
-                problems.append(msg)
+                problems.append(msg + ("" if dedupe else " -- fix the prompts or pass --dedupe to keep the first"))
                 continue
             seen[stem.lower()] = key
             hyper = (llm.get(prompt.lower(), {}) or {}).get("hypernyms", [])
@@ -212,6 +215,5 @@ def build_items(inputs: List[StyleInput], llm: Dict[str, dict], template: str = 
                               negative=render(negative_template, values) if negative_template else "",
                               seed=item_seed(base_seed, s.style, prompt, seed_mode)))
     if problems:
-        raise PlanError("bad prompts (nothing was generated): " + "; ".join(problems)
-                        + ("" if dedupe else " -- fix the prompts or pass --dedupe to keep the first of each"))
+        raise PlanError("bad prompts (nothing was generated): " + "; ".join(problems))
     return items

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import numpy as np
 
 from .._runtime import jt
-from ..weights import apply_umask, atomic_write_bytes, read_safetensors, save_safetensors
+from ..weights import WeightsError, apply_umask, atomic_write_bytes, read_safetensors, save_safetensors
 from . import adapters as ad
 from .config import as_dict
 
@@ -163,21 +163,61 @@ def save_training_state(folder: str, state: dict, adapter: Dict[str, np.ndarray]
         atomic_write_bytes(path, [json.dumps(state, indent=2, sort_keys=True).encode()])
 
 
-def load_training_state(checkpoint: str):
-    """(state dict, adapter arrays, optimizer arrays, extra arrays) of a checkpoint folder."""
+def _read_training_state(checkpoint: str):
     d = os.path.join(checkpoint, STATE_DIR)
     path = os.path.join(d, "state.json")
     if not os.path.isfile(path):
         raise CheckpointError(f"{checkpoint} is not a complete training checkpoint (no {STATE_DIR}/state.json)")
-    with open(path) as f:
-        state = json.load(f)
+    try:
+        with open(path) as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{path} has no step number")
     arrays = []
     for name in ("adapter", "optimizer", "extra"):
         p = os.path.join(d, f"{name}.safetensors")
         if not os.path.isfile(p):
             raise CheckpointError(f"{checkpoint}: {STATE_DIR}/{name}.safetensors is missing")
-        arrays.append(read_safetensors(p)[0])
+        try:
+            arrays.append(read_safetensors(p)[0])
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
     return (state, *arrays)
+
+
+def previous_good_checkpoint(checkpoint: str) -> Optional[str]:
+    """The newest checkpoint older than `checkpoint` (same folder) whose training state reads back whole."""
+    root, name = os.path.split(os.path.abspath(checkpoint))
+    step = _step_of(name)
+    for older in reversed(list_checkpoints(root)):
+        if step is None or _step_of(older) < step:
+            try:
+                _read_training_state(os.path.join(root, older))
+            except CheckpointError:
+                continue
+            return os.path.join(root, older)
+    return None
+
+
+def _step_of(name: str) -> Optional[int]:
+    digits = name[len(PREFIX):] if name.startswith(PREFIX) else ""
+    return int(digits) if digits.isdigit() else None
+
+
+def load_training_state(checkpoint: str):
+    """(state dict, adapter arrays, optimizer arrays, extra arrays) of a checkpoint folder.
+
+    A damaged checkpoint is a CheckpointError that names the previous complete one and how to resume from it.
+    """
+    try:
+        return _read_training_state(checkpoint)
+    except CheckpointError as e:
+        previous = previous_good_checkpoint(checkpoint)
+        hint = (f"the previous checkpoint {previous} is complete: resume from it with --resume {previous}"
+                if previous else "there is no earlier complete checkpoint: start again with --overwrite")
+        raise CheckpointError(f"cannot resume from {checkpoint}: it is damaged ({e}); {hint}") from None
 
 
 def resolve_resume(resume: str, output_dir: str) -> Optional[str]:

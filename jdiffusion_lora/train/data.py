@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -148,8 +147,7 @@ def discover(c) -> TrainingData:
     for style in styles:
         if not any(r.style == style.name for r in records):
             raise DataError(f"style {style.name} has no training image left after holding out validation images")
-    for note in notes:
-        warnings.warn(note, stacklevel=2)
+    # The notes are returned, not warned: the trainer and the dry run print each one once.
     return TrainingData(styles=styles, records=records, validation=validation, warnings=notes)
 
 
