@@ -50,12 +50,8 @@ def float32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- safetensors
 
-def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Dict[str, str]]:
-    """Returns (tensors, file dtypes by name, header metadata).
-
-    The header is untrusted: every entry's dtype, shape and byte range is checked against the
-    data section before an array is made, and anything malformed is a WeightsError naming the file.
-    """
+def read_safetensors_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str], int]:
+    """(tensor entries by name, metadata, byte offset of the data section); the header's shape is checked."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -68,12 +64,24 @@ def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str], 
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise WeightsError(f"{path}: corrupt safetensors header ({type(e).__name__}: {e})") from None
-        data = f.read()
     if not isinstance(header, dict):
         raise WeightsError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise WeightsError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    return header, metadata, 8 + n
+
+
+def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Dict[str, str]]:
+    """Returns (tensors, file dtypes by name, header metadata).
+
+    The header is untrusted: every entry's dtype, shape and byte range is checked against the
+    data section before an array is made, and anything malformed is a WeightsError naming the file.
+    """
+    header, metadata, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        f.seek(data_start)
+        data = f.read()
     tensors, dtypes = {}, {}
     for name, info in header.items():
         dt, shape, start, end = _check_safetensors_entry(path, name, info, len(data))

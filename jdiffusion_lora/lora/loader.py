@@ -12,7 +12,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..weights import read_safetensors, read_torch_pickle, save_safetensors
+from ..weights import read_safetensors, read_safetensors_header, read_torch_pickle, save_safetensors
 from . import inject
 from .formats import COMPONENTS, kohya_name_table, load_lora_state
 from .writing import save_lora_state
@@ -213,10 +213,7 @@ def _weight_keys(path: str) -> List[str]:
         with open(path) as f:
             return list(json.load(f)["weight_map"])
     if path.endswith(".safetensors"):
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        return [k for k in header if k != "__metadata__"]
+        return list(read_safetensors_header(path)[0])
     return list(read_torch_pickle(path))
 
 
