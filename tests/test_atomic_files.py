@@ -107,7 +107,7 @@ def test_atomic_writer_applies_the_umask(tmp_path, mask, expected):
 def test_training_outputs_and_stale_temp_files(tmp_path, umask_022):
     """A short run (after a killed one left a temp file): LoRA files, config.toml, loss_curve.png, sample
     PNGs and checkpoints get 0644 / 0755, and the killed write's temp file is gone."""
-    import jdiffusion_lora  # noqa: F401
+    import jdiffusion_lora  # noqa: F401  (configures Jittor first)
     from jdiffusion_lora.train.trainer import Trainer
 
     from train_fixtures import config, tiny_pipeline

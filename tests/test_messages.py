@@ -99,7 +99,7 @@ def test_train_command_offers_the_previous_checkpoint(tmp_path):
                  "--no-progress-bar", "--no-before-after")
     assert r.returncode == 2, r.stderr[-3000:]
     good = os.path.join(os.path.dirname(latest), "checkpoint-000001")
-    assert re.search(rf"error: cannot resume from .*checkpoint-000002: it is damaged \(.*extra\.safetensors", r.stderr)
+    assert re.search(r"error: cannot resume from .*checkpoint-000002: it is damaged \(.*extra\.safetensors", r.stderr)
     assert f"resume from it with --resume {good}" in r.stderr
 
 
