@@ -3,6 +3,7 @@ run over mutated LoRA files ends every time in a clean load or one of our own er
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
@@ -38,6 +39,22 @@ class _Pickler(pickle.Pickler):
         if isinstance(obj, _Storage):
             return ("storage", obj.storage_type, obj.key, "cpu", obj.numel)
         return None
+
+
+# Jittor (imported by pytest here) ends this process when a child dies of a signal (its SIGCHLD handler), so
+# a child's segfault would kill pytest instead of failing the test. A middle process without Jittor runs
+# the command and reports its exit status (-11 for a segfault).
+_SHIELD = ("import subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+           "sys.stderr.write(f'\\n[exit status {r.returncode}]\\n')")
+
+
+def run_shielded(argv, timeout=600):
+    """subprocess.run(argv) in ROOT with our PYTHONPATH; returns (exit status, stdout, stderr)."""
+    out = subprocess.run([sys.executable, "-c", _SHIELD, *argv], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=timeout)
+    status = re.findall(r"\[exit status (-?\d+)\]", out.stderr)
+    assert out.returncode == 0 and status, out.stderr[-2000:]
+    return int(status[-1]), out.stdout, out.stderr
 
 
 def write_bin(path, tensors, storages):
@@ -91,12 +108,14 @@ def test_hostile_bin_refused_naming_file_and_key(tmp_path, case, geometry, messa
 
 
 def test_hostile_bin_through_the_command_line(tmp_path):
-    """`lora inspect` on a stride-past-storage file: exit 2 with our message, not a segfault (exit 139)."""
+    """`lora inspect` and `txt2img --lora` on a stride-past-storage file: exit 2 with our message, not a
+    segfault (exit 139)."""
     path = _hostile(tmp_path, "crafted", size=(2, 2), stride=(1 << 40, 1))
-    out = subprocess.run([sys.executable, "-m", "jdiffusion_lora.cli", "lora", "inspect", path],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
-    assert out.returncode == 2, (out.returncode, out.stderr[-2000:])
-    assert f"error: {path}: tensor 'unet.x.lora_A.weight'" in out.stderr
+    for argv in (["lora", "inspect", path], ["txt2img", "--lora", path, "--steps", "1", "--num-images", "1",
+                                            "--out", str(tmp_path / "out")]):
+        status, _, stderr = run_shielded([sys.executable, "-m", "jdiffusion_lora.cli", *argv], timeout=300)
+        assert status == 2, (argv, status, stderr[-2000:])
+        assert f"error: {path}: tensor 'unet.x.lora_A.weight'" in stderr
 
 
 def test_hostile_safetensors_headers(tmp_path):
@@ -227,11 +246,15 @@ def _run_fuzz(tmp_path, rounds, seed):
     folder = tmp_path / "fuzz"
     folder.mkdir()
     _fuzz_sources(str(folder))
-    out = subprocess.run([sys.executable, "-c", _FUZZ_CHILD, str(folder), str(rounds), str(seed)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
-    # A negative return code is a signal: -11 is the segfault this test exists to catch.
-    assert out.returncode == 0, f"exit {out.returncode}\n{out.stderr[-4000:]}"
-    return out.stdout
+    status, stdout, stderr = run_shielded([sys.executable, "-c", _FUZZ_CHILD, str(folder), str(rounds), str(seed)])
+    # A negative exit status is a signal: -11 is the segfault this test exists to catch.
+    assert status == 0, f"exit {status}\n{stderr[-4000:]}"
+    return stdout
+
+
+def test_a_crash_in_the_child_fails_the_test_instead_of_killing_pytest():
+    status, _, _ = run_shielded([sys.executable, "-c", "import ctypes; ctypes.string_at(0)"])
+    assert status == -11
 
 
 def test_fuzz_mutated_lora_files_load_or_raise_our_error(tmp_path):
