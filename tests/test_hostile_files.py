@@ -157,7 +157,7 @@ _FUZZ_CHILD = textwrap.dedent(r"""
     import io, os, random, sys, traceback, warnings, zipfile
     from jdiffusion_lora.weights import WeightsError
     from jdiffusion_lora.lora.formats import load_lora_state, standard_name_tables
-    from jdiffusion_lora.lora.state import LoraError
+    from jdiffusion_lora.lora import LoraError
     from jdiffusion_lora.cli.lora import inspect_lora
 
     folder, rounds, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -266,3 +266,48 @@ def test_fuzz_mutated_lora_files_load_or_raise_our_error(tmp_path):
 @pytest.mark.slow
 def test_fuzz_long(tmp_path):
     _run_fuzz(tmp_path, rounds=5000, seed=99)
+
+
+_PIPELINE_FUZZ_CHILD = textwrap.dedent(r"""
+    import os, random, sys, traceback, warnings
+    from jdiffusion_lora import StableDiffusionPipeline
+    from jdiffusion_lora.tiny import tiny_model_path
+    from jdiffusion_lora.lora import inject
+    from jdiffusion_lora.lora import LoraError
+    from jdiffusion_lora.weights import WeightsError
+
+    folder, rounds, rng = sys.argv[1], int(sys.argv[2]), random.Random(int(sys.argv[3]))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_path())
+    inject.inject_adapter(pipe.unet, "a", targets="attn")
+    inject.inject_adapter(pipe.text_encoder, "a", targets="text")
+    for fmt in ("diffusers", "kohya"):   # LoRAs that fit the model, so mutations reach the fit checks
+        pipe.save_lora_weights(os.path.join(folder, fmt + ".safetensors"), format=fmt, adapter_name="a")
+    pipe.delete_adapters("a")
+    sources = {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+    for i in range(rounds):
+        name = rng.choice(sorted(sources))
+        data = bytearray(sources[name])
+        n = int.from_bytes(data[:8], "little")
+        hi = 8 + n if rng.random() < 0.8 else len(data)   # mostly the header: shapes, offsets, names
+        for _ in range(rng.randint(1, 4)):
+            data[rng.randrange(8, hi)] = rng.choice([0, 0xFF, 0x30, 0x39, rng.randrange(256)])
+        path = os.path.join(folder, "mutant-" + name)
+        open(path, "wb").write(bytes(data))
+        for strict in (True, False):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    pipe.delete_adapters(pipe.load_lora_weights(path, adapter_name=f"m{i}{strict}", strict=strict))
+            except (WeightsError, LoraError):
+                pass
+            except Exception:
+                traceback.print_exc()
+                sys.exit(1)
+""")
+
+
+@pytest.mark.slow
+def test_fuzz_through_the_pipeline_loader(tmp_path):
+    """Mutated LoRAs that fit the built-in model, loaded with pipe.load_lora_weights (fit checks included)."""
+    status, _, stderr = run_shielded([sys.executable, "-c", _PIPELINE_FUZZ_CHILD, str(tmp_path), "1000", "3"])
+    assert status == 0, f"exit {status}\n{stderr[-4000:]}"
