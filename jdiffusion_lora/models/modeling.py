@@ -99,8 +99,13 @@ class ModelMixin(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, subfolder: Optional[str] = None, dtype: Optional[str] = None,
-                        variant: Optional[str] = None):
-        """Load a model saved by diffusers/transformers `save_pretrained` (or by `save_pretrained` here)."""
+                        variant: Optional[str] = None, revision: Optional[str] = None):
+        """Load a model saved by diffusers/transformers `save_pretrained` (or by `save_pretrained` here).
+
+        `folder` may be a HuggingFace repository id (`org/name`), found in the local HF cache (no network).
+        """
+        from ..hub import resolve_model
+        folder = resolve_model(folder, revision)
         if subfolder:
             folder = os.path.join(folder, subfolder)
         raw = cls.load_config(folder)

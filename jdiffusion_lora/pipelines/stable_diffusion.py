@@ -24,12 +24,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .._runtime import jt
+from ..hub import resolve_model
 from ..lora import LoraLoaderMixin
 from ..models.autoencoder_kl import AutoencoderKL
 from ..models.clip import CLIPTextModel
 from ..models.clip_tokenizer import CLIPTokenizer
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers import SCHEDULERS, DDIMScheduler
+from .single_file import is_single_file
 
 PromptArg = Union[str, Sequence[str]]
 
@@ -78,11 +80,16 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: Optional[str] = None, variant: Optional[str] = None,
-                        scheduler=None, **components):
+                        scheduler=None, revision: Optional[str] = None, **components):
         """Load a diffusers-layout folder (`model_index.json` + one subfolder per component).
 
+        `folder` may also be a HuggingFace repository id (`org/name`, found in the local HF cache at
+        `revision`, never downloaded) or a single-file checkpoint (see `from_single_file`).
         Components passed as keyword arguments (`unet=my_unet`) are used instead of loading them.
         """
+        folder = resolve_model(folder, revision)
+        if is_single_file(folder):
+            return cls.from_single_file(folder, dtype=dtype, scheduler=scheduler, **components)
         index = _read_model_index(folder)
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             if name not in index and name not in components and not (name == "scheduler" and scheduler):
@@ -111,6 +118,29 @@ class StableDiffusionPipeline(LoraLoaderMixin):
                 scheduler_cls = DDIMScheduler
             scheduler = scheduler_cls.from_pretrained(sub("scheduler"))
         return cls(scheduler=scheduler, **loaded)
+
+    @classmethod
+    def from_single_file(cls, path: str, config: Optional[str] = None, original_config: Optional[str] = None,
+                         prediction_type: Optional[str] = None, dtype: Optional[str] = None, scheduler=None,
+                         **components):
+        """Load an original-layout checkpoint (`.safetensors` / `.ckpt`, as A1111 and ComfyUI use).
+
+        SD 1.x / 2.x and the prediction type are read from the weights; `original_config` (the
+        original `.yaml`), `config` (a diffusers folder or `org/name` in the HF cache) or
+        `prediction_type` say otherwise. See `pipelines/single_file.py`.
+        """
+        from .single_file import load_single_file
+        loaded = load_single_file(path, config=resolve_model(config) if config else None,
+                                  original_config=original_config, prediction_type=prediction_type, dtype=dtype)
+        loaded.update(components)
+        if scheduler is not None:
+            loaded["scheduler"] = scheduler
+        return cls(**loaded)
+
+    def save_single_file(self, path: str, dtype: Optional[str] = None) -> None:
+        """Write UNet, VAE and text encoder as one original-layout `.safetensors` (A1111 / ComfyUI)."""
+        from .single_file import save_single_file
+        save_single_file(self, path, dtype=dtype)
 
     def save_pretrained(self, folder: str, dtype: Optional[str] = None) -> None:
         """Write a diffusers-layout folder that diffusers' `from_pretrained` can read."""

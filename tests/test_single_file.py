@@ -1,0 +1,153 @@
+"""Single-file (original layout) checkpoints: written here, checked by diffusers' own from_single_file,
+read back by ours to the outputs of the diffusers folder."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from jdiffusion_lora import StableDiffusionPipeline
+from jdiffusion_lora.weights import WeightsError, read_safetensors
+
+from sd_fixtures import randomize_
+
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "jdiffusion_lora", "assets", "tiny-sd", "tokenizer")
+
+
+def build_folder(folder, sd2: bool):
+    """A tiny random diffusers SD 1.x / 2.x pipeline with real-SD conventions (32 norm groups, CLIP vocabulary,
+    8 heads per block for 1.x, heads of 64 channels for 2.x) saved to `folder`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline as TorchPipe
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    channels = (64, 128) if sd2 else (32, 64)
+    unet = UNet2DConditionModel(sample_size=8, layers_per_block=1, block_out_channels=channels,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=tuple(c // 64 for c in channels) if sd2 else 8,
+                                use_linear_projection=sd2)
+    vae = AutoencoderKL(latent_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                num_attention_heads=1, hidden_act="gelu" if sd2 else "quick_gelu"))
+    for i, m in enumerate((unet, vae, text_encoder)):
+        randomize_(m, i, std=0.04 if m is vae else 0.15)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1,
+                              prediction_type="v_prediction" if sd2 else "epsilon")
+    # SD 2.x's tokenizer pads with "!" (what its tokenizer folder says)
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER, **({"pad_token": "!"} if sd2 else {}))
+    pipe = TorchPipe(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                     unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                     requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def _torch_state(module):
+    out = {}
+    for k, v in module.state_dict().items():
+        k = k if k.startswith(("text_model.", "down_", "up_", "mid_", "conv", "time_", "encoder.", "decoder.",
+                                "quant", "post_quant")) or not hasattr(module, "config") or \
+            not hasattr(module.config, "hidden_act") else "text_model." + k
+        out[k] = v.float().numpy()
+    return out
+
+
+def _outputs(pipe):
+    """UNet, VAE decoder and text encoder outputs on fixed inputs."""
+    from jdiffusion_lora import jt
+    rng = np.random.default_rng(0)
+    x = jt.array(rng.standard_normal((1, 4, 8, 8), dtype=np.float32))
+    ids = jt.array(np.array(pipe.tokenizer(["a red circle"], padding="max_length", max_length=77,
+                                           truncation=True)["input_ids"]))
+    ctx = pipe.text_encoder(ids).last_hidden_state
+    eps = pipe.unet(x, 500.0, ctx).sample
+    img = pipe.vae.decode(x).sample
+    return [ctx.numpy(), eps.numpy(), img.numpy()]
+
+
+@pytest.mark.parametrize("sd2", [False, True], ids=["sd1", "sd2"])
+def test_single_file_round_trip_matches_folder_and_diffusers(tmp_path, sd2):
+    from diffusers import StableDiffusionPipeline as TorchPipe
+
+    folder = str(tmp_path / "folder")
+    ref = build_folder(folder, sd2)
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    path = str(tmp_path / "model.safetensors")
+    ours.save_single_file(path)
+    tensors = read_safetensors(path)[0]
+    if sd2:
+        assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in tensors
+    else:
+        assert "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight" in tensors
+    assert "model.diffusion_model.input_blocks.1.1.proj_in.weight" in tensors
+    assert tensors["first_stage_model.encoder.mid.attn_1.q.weight"].ndim == 4
+
+    # diffusers' own reader of the original layout gets exactly the folder's weights back
+    theirs = TorchPipe.from_single_file(path, config=folder, local_files_only=True)
+    for name in ("unet", "vae", "text_encoder"):
+        want, got = _torch_state(getattr(ref, name)), _torch_state(getattr(theirs, name))
+        assert set(want) == set(got), name
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name}.{k}")
+
+    # ours, with nothing but the file: configs inferred, same outputs as the folder
+    loaded = StableDiffusionPipeline.from_single_file(path)
+    assert loaded.scheduler.config.prediction_type == ("v_prediction" if sd2 else "epsilon")
+    assert loaded.tokenizer.pad_token == ("!" if sd2 else "<|endoftext|>")
+    for a, b in zip(_outputs(loaded), _outputs(ours)):
+        assert np.abs(a - b).max() <= 1e-6
+    # `from_pretrained(file)` is the same thing
+    assert type(StableDiffusionPipeline.from_pretrained(path).unet).__name__ == "UNet2DConditionModel"
+
+
+def test_stability_sd2_layout_and_ckpt(tmp_path):
+    """A Stability-style SD 2 file: 1 extra OpenCLIP block + text_projection (ignored), EMA and schedule
+    buffers (ignored), as a .ckpt with global_step 875000 (the 512-base: epsilon)."""
+    folder = str(tmp_path / "folder")
+    build_folder(folder, sd2=True)
+    ours = StableDiffusionPipeline.from_pretrained(folder)
+    path = str(tmp_path / "model.safetensors")
+    ours.save_single_file(path)
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in read_safetensors(path)[0].items()}
+    pre = "cond_stage_model.model.transformer.resblocks."
+    for k in [k for k in tensors if k.startswith(pre + "1.")]:
+        tensors[k.replace(pre + "1.", pre + "2.")] = torch.randn(tensors[k].shape)
+    tensors["cond_stage_model.model.text_projection"] = torch.randn(64, 64)
+    tensors["model_ema.decay"] = torch.tensor(0.9999)
+    tensors["alphas_cumprod"] = torch.rand(1000)
+    ckpt = str(tmp_path / "model.ckpt")
+    torch.save({"state_dict": tensors, "global_step": 875000}, ckpt)
+    loaded = StableDiffusionPipeline.from_single_file(ckpt)
+    assert loaded.text_encoder.config.num_hidden_layers == 2
+    assert loaded.scheduler.config.prediction_type == "epsilon"
+    for a, b in zip(_outputs(loaded), _outputs(ours)):
+        assert np.abs(a - b).max() <= 1e-6
+    assert StableDiffusionPipeline.from_single_file(ckpt, prediction_type="v_prediction") \
+        .scheduler.config.prediction_type == "v_prediction"
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned_by_ckpt",))
+
+
+def test_ckpt_with_disallowed_global_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"state_dict": {"model.diffusion_model.conv_in.weight": torch.zeros(1)}, "hook": _Evil()},
+               str(tmp_path / "evil.ckpt"))
+    with pytest.raises(WeightsError, match="posix.system|os.system|not a tensor"):
+        StableDiffusionPipeline.from_single_file(str(tmp_path / "evil.ckpt"))
+    assert not (tmp_path / "pwned_by_ckpt").exists()
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    from jdiffusion_lora.weights import save_safetensors
+    path = str(tmp_path / "lora.safetensors")
+    save_safetensors({"lora_unet_x.lora_down.weight": np.zeros((2, 2), np.float32)}, path)
+    with pytest.raises(WeightsError, match="not a Stable Diffusion single-file checkpoint"):
+        StableDiffusionPipeline.from_single_file(path)
