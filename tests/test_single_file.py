@@ -151,3 +151,43 @@ def test_not_a_checkpoint_is_a_clear_error(tmp_path):
     save_safetensors({"lora_unet_x.lora_down.weight": np.zeros((2, 2), np.float32)}, path)
     with pytest.raises(WeightsError, match="not a Stable Diffusion single-file checkpoint"):
         StableDiffusionPipeline.from_single_file(path)
+
+
+def test_lora_merge_writes_single_file_that_reloads_identically(tmp_path, capsys):
+    """`lora merge --out model.safetensors` (from a folder and from a single file) == merging into a folder."""
+    from jdiffusion_lora.cli import main
+    from jdiffusion_lora.lora import LoraState, ModuleLora, save_lora_state
+
+    folder = str(tmp_path / "folder")
+    build_folder(folder, sd2=False)
+    rng = np.random.default_rng(0)
+    r = lambda *s: (0.1 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    att = "down_blocks.0.attentions.0.transformer_blocks.0"
+    lora = save_lora_state(LoraState({
+        f"unet.{att}.attn1.to_q": ModuleLora("lora", {"down": r(4, 32), "up": r(32, 4)}, 2.0),
+        f"unet.{att}.attn2.to_k": ModuleLora("lora", {"down": r(4, 64), "up": r(32, 4)}, 2.0),
+        "text_encoder.text_model.encoder.layers.1.self_attn.v_proj": ModuleLora("lora", {"down": r(2, 64),
+                                                                                        "up": r(64, 2)}),
+    }), str(tmp_path / "style.safetensors"), format="kohya")
+    merged_dir, merged_file = str(tmp_path / "merged"), str(tmp_path / "merged.safetensors")
+    assert main(["lora", "merge", "--model", folder, "--lora", lora, "--out", merged_dir]) == 0
+    assert main(["lora", "merge", "--model", folder, "--lora", lora, "--out", merged_file]) == 0
+    from_dir = StableDiffusionPipeline.from_pretrained(merged_dir)
+    from_file = StableDiffusionPipeline.from_single_file(merged_file)
+    for name in ("unet", "vae", "text_encoder"):
+        a, b = getattr(from_dir, name).numpy_state_dict(), getattr(from_file, name).numpy_state_dict()
+        assert set(a) == set(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{name}.{k}")
+    base = StableDiffusionPipeline.from_pretrained(folder).unet.numpy_state_dict()
+    assert not np.array_equal(base[f"{att}.attn1.to_q.weight"], b_unet := from_file.unet.numpy_state_dict()[
+        f"{att}.attn1.to_q.weight"]) and b_unet.shape == (32, 32)
+    # single file in, single file out: the same tensors
+    again = str(tmp_path / "again.safetensors")
+    assert main(["lora", "merge", "--model", merged_file.replace("merged", "base"), "--lora", lora,
+                 "--out", again]) == 2  # missing model: a clear error, nothing written
+    assert not os.path.exists(again)
+    StableDiffusionPipeline.from_pretrained(folder).save_single_file(str(tmp_path / "base.safetensors"))
+    assert main(["lora", "merge", "--model", str(tmp_path / "base.safetensors"), "--lora", lora, "--out", again]) == 0
+    t1, t2 = read_safetensors(merged_file)[0], read_safetensors(again)[0]
+    assert set(t1) == set(t2) and all(np.array_equal(t1[k], t2[k]) for k in t1)

@@ -2,7 +2,7 @@
 
     python -m jdiffusion_lora.cli lora inspect FILE [--json] [--model DIR]
     python -m jdiffusion_lora.cli lora convert IN OUT --to kohya|diffusers [--dtype fp16]
-    python -m jdiffusion_lora.cli lora merge --model DIR --lora FILE --out DIR [--scale 1.0]
+    python -m jdiffusion_lora.cli lora merge --model DIR|FILE|org/name --lora FILE --out DIR|model.safetensors
 
 kohya names are mapped through the module names of `--model` when given, otherwise through
 the standard Stable Diffusion 1.x/2.x/XL names.
@@ -36,10 +36,11 @@ def add_parser(subparsers) -> None:
     c.add_argument("--no-strict", action="store_true", help="skip (and list) keys that cannot be mapped")
     c.set_defaults(func=run_convert)
 
-    m = sub.add_parser("merge", help="write a new diffusers model folder with the LoRA baked into the weights")
-    m.add_argument("--model", required=True, help="diffusers model folder")
+    m = sub.add_parser("merge", help="write a new model (folder or single file) with the LoRA baked into the weights")
+    m.add_argument("--model", required=True, help="diffusers model folder, single-file checkpoint or org/name")
     m.add_argument("--lora", required=True, help="LoRA file or folder")
-    m.add_argument("--out", required=True, help="new model folder (must not exist or be empty)")
+    m.add_argument("--out", required=True, help="new model folder (must not exist or be empty), or a .safetensors "
+                                                "file in the original single-file layout (A1111 / ComfyUI)")
     m.add_argument("--scale", type=float, default=1.0, help="LoRA strength")
     m.add_argument("--no-strict", action="store_true", help="skip (and list) modules that do not fit")
     m.set_defaults(func=run_merge)
@@ -151,9 +152,19 @@ def name_tables_for(model_dir):
     """kohya name tables from a model folder's weight names, or None (standard SD names)."""
     if not model_dir:
         return None
+    from ..hub import resolve_model
     from ..lora.formats import kohya_name_table
     from ..lora.loader import folder_module_names
-    return {c: kohya_name_table(names, c) for c, names in folder_module_names(model_dir).items()}
+    from ..pipelines.single_file import build_unloaded, is_single_file
+
+    model_dir = resolve_model(model_dir)
+    if is_single_file(model_dir):
+        models = build_unloaded(model_dir)
+        names = {c: [k[:-len(".weight")] for k in models[c].state_dict() if k.endswith(".weight")]
+                 for c in ("unet", "text_encoder")}
+    else:
+        names = folder_module_names(model_dir)
+    return {c: kohya_name_table(n, c) for c, n in names.items()}
 
 
 def run_convert(args) -> int:
@@ -164,9 +175,39 @@ def run_convert(args) -> int:
     return 0
 
 
+def merge_through_pipeline(model: str, lora: str, out: str, scale: float = 1.0, strict: bool = True):
+    """Merge for a single-file or HF-cache model, or into a single file: the weights go through the pipeline.
+
+    `out` ending in .safetensors gets the original (A1111 / ComfyUI) layout, anything else a diffusers folder.
+    """
+    from ..lora.loader import merge_lora_into_weights
+    from ..pipelines.single_file import write_single_file
+    from ..pipelines.stable_diffusion import StableDiffusionPipeline
+
+    if os.path.exists(out) and (os.path.isfile(out) or os.listdir(out)):
+        raise FileExistsError(f"{out} exists; choose a new name")
+    pipe = StableDiffusionPipeline.from_pretrained(model)
+    weights = {c: getattr(pipe, c).numpy_state_dict() for c in ("unet", "vae", "text_encoder")}
+    updates = merge_lora_into_weights(weights, lora, scale, strict, source=model)
+    for component, new in updates.items():
+        weights[component].update(new)
+    if out.lower().endswith(".safetensors"):
+        write_single_file(weights, pipe.unet.config, pipe.vae.config, pipe.text_encoder.config, out)
+    else:
+        for component, new in updates.items():
+            getattr(pipe, component).load_numpy_state_dict(weights[component], source=lora)
+        pipe.save_pretrained(out)
+    return {c: len(n) for c, n in updates.items()}
+
+
 def run_merge(args) -> int:
     from ..lora.loader import merge_lora_into_folder
-    counts = merge_lora_into_folder(args.model, args.lora, args.out, scale=args.scale, strict=not args.no_strict)
+    from ..pipelines.single_file import is_single_file
+
+    if os.path.isdir(args.model) and not args.out.lower().endswith(".safetensors") and not is_single_file(args.out):
+        counts = merge_lora_into_folder(args.model, args.lora, args.out, scale=args.scale, strict=not args.no_strict)
+    else:
+        counts = merge_through_pipeline(args.model, args.lora, args.out, args.scale, strict=not args.no_strict)
     merged = ", ".join(f"{c}: {n} modules" for c, n in counts.items())
     print(f"merged {args.lora} (scale {args.scale}) into {args.out} ({merged})")
     return 0

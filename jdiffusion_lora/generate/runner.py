@@ -73,8 +73,9 @@ class GenerateSettings:
             if DEVICE != "cuda":
                 raise ValueError("fp16 needs a CUDA GPU; on CPU Jittor has no fast fp16 kernels and "
                                  "results would be slower and less exact -- use fp32")
-        if not os.path.isdir(self.model):
-            raise FileNotFoundError(f"model folder not found: {self.model}")
+        from ..hub import resolve_model
+        if not os.path.exists(resolve_model(self.model)):  # a folder, a single file or org/name in the HF cache
+            raise FileNotFoundError(f"model not found: {self.model}")
         for spec in self.loras:
             if not os.path.exists(spec.path):
                 raise FileNotFoundError(f"LoRA file not found: {spec.path}")

@@ -251,36 +251,22 @@ def _read_component(path: str):
     return tensors, {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}[tag]
 
 
-def merge_lora_into_folder(model_dir: str, lora, out_dir: str, scale: float = 1.0, strict: bool = True,
-                           weight_name: Optional[str] = None) -> Dict[str, int]:
-    """Write a copy of the diffusers model folder `model_dir` to `out_dir` with the LoRA baked in.
+def merge_lora_into_weights(weights: Dict[str, Dict[str, np.ndarray]], lora, scale: float = 1.0, strict: bool = True,
+                            weight_name: Optional[str] = None, source: str = "the model") -> Dict[str, Dict[str, np.ndarray]]:
+    """component -> {weight key: merged weight} for every module the LoRA changes.
 
-    Works on the weight files directly (numpy): W <- W + scale * delta (DoRA: its merged
-    weight), kept in each file's dtype; configs, tokenizer, scheduler and VAE are copied as
-    they are. kohya names are mapped through the weight files' own module names.
-    Returns component -> number of merged modules.
+    `weights`: component -> diffusers-named state dict (numpy). W <- W + scale * delta (DoRA: its
+    merged weight), kept in W's dtype. kohya names are mapped through the weights' own module names.
     """
-    model_dir, out_dir = os.path.abspath(model_dir), os.path.abspath(out_dir)
-    if model_dir == out_dir:
-        raise ValueError("out_dir must differ from model_dir")
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not empty")
-    weights, files, names = {}, {}, {}
-    for component in COMPONENTS:
-        folder = os.path.join(model_dir, component)
-        if os.path.isdir(folder):
-            path, replaced = _component_weights(folder)
-            files[component] = (path, replaced)
-            weights[component] = _read_component(path)
-            names[component] = [k[:-len(".weight")] for k in weights[component][0] if k.endswith(".weight")]
+    names = {c: [k[:-len(".weight")] for k in t if k.endswith(".weight")] for c, t in weights.items()}
     tables = {c: kohya_name_table(n, c) for c, n in names.items()}
     state = load_lora_state(lora, tables, strict, weight_name=weight_name)
     problems, updates = [], {}
     for component in state.components():
         if component not in weights:
-            problems.append(f"{component}: {model_dir} has no {component} folder")
+            problems.append(f"{component}: {source} has no {component}")
             continue
-        tensors = weights[component][0]
+        tensors = weights[component]
         known = {n: None for n in names[component]}
         for path, entry in state.component(component).items():
             name = inject.resolve_module_name(known, path)
@@ -295,8 +281,34 @@ def merge_lora_into_folder(model_dir: str, lora, out_dir: str, scale: float = 1.
             fitted_entry = ModuleLora(entry.kind, fitted, entry.alpha)
             updates.setdefault(component, {})[name + ".weight"] = fitted_entry.merged_weight(w, scale).astype(w.dtype)
     if problems:
-        msg = f"merge of {_describe_source(lora)} into {model_dir}: " + "; ".join(problems)
+        msg = f"merge of {_describe_source(lora)} into {source}: " + "; ".join(problems)
         strict_or_warn(msg, strict)
+    return updates
+
+
+def merge_lora_into_folder(model_dir: str, lora, out_dir: str, scale: float = 1.0, strict: bool = True,
+                           weight_name: Optional[str] = None) -> Dict[str, int]:
+    """Write a copy of the diffusers model folder `model_dir` to `out_dir` with the LoRA baked in.
+
+    Works on the weight files directly (numpy): W <- W + scale * delta (DoRA: its merged
+    weight), kept in each file's dtype; configs, tokenizer, scheduler and VAE are copied as
+    they are. kohya names are mapped through the weight files' own module names.
+    Returns component -> number of merged modules.
+    """
+    model_dir, out_dir = os.path.abspath(model_dir), os.path.abspath(out_dir)
+    if model_dir == out_dir:
+        raise ValueError("out_dir must differ from model_dir")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not empty")
+    weights, files = {}, {}
+    for component in COMPONENTS:
+        folder = os.path.join(model_dir, component)
+        if os.path.isdir(folder):
+            path, replaced = _component_weights(folder)
+            files[component] = (path, replaced)
+            weights[component] = _read_component(path)
+    tensors_only = {c: w[0] for c, w in weights.items()}
+    updates = merge_lora_into_weights(tensors_only, lora, scale, strict, weight_name, source=model_dir)
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
     counts = {}
     for component, new in updates.items():

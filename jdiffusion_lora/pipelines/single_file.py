@@ -243,7 +243,7 @@ def original_from_components(components: Dict[str, Dict[str, np.ndarray]], unet_
 
 # --------------------------------------------------------------------------- building the pipeline
 
-def _tokenizer(openclip: bool, config_folder: Optional[str]):
+def default_tokenizer(openclip: bool, config_folder: Optional[str]):
     """SD 1.x: CLIP's tokenizer; SD 2.x: the same vocabulary padding with "!" (id 0), as its folder says."""
     from ..models.clip_tokenizer import CLIPTokenizer
     if config_folder:
@@ -254,22 +254,11 @@ def _tokenizer(openclip: bool, config_folder: Optional[str]):
     return tok
 
 
-def load_single_file(path: str, config: Optional[str] = None, original_config: Optional[str] = None,
-                     prediction_type: Optional[str] = None, dtype: Optional[str] = None) -> dict:
-    """The five pipeline components of a single-file checkpoint.
-
-    config: a diffusers folder whose configs, tokenizer and scheduler to use (e.g. the model's own
-    repository in the HF cache); original_config: the original LDM `.yaml`; prediction_type:
-    "epsilon" | "v_prediction" (wins over both).
-    """
+def single_file_configs(t, global_step=None, config: Optional[str] = None, original_config: Optional[str] = None,
+                        prediction_type: Optional[str] = None):
+    """(unet, vae, text encoder, scheduler) config dicts of an original state dict (or of its shapes)."""
     import json
 
-    from ..models.autoencoder_kl import AutoencoderKL
-    from ..models.clip import CLIPTextModel
-    from ..models.unet_2d_condition import UNet2DConditionModel
-    from ..schedulers import SCHEDULERS, DDIMScheduler
-
-    t, step = read_checkpoint(path)
     openclip = text_encoder_kind(t) == "openclip"
     yaml_params = read_original_yaml(original_config) if original_config else None
     if config:
@@ -282,11 +271,56 @@ def load_single_file(path: str, config: Optional[str] = None, original_config: O
         unet_cfg = infer_unet_config(t, openclip, yaml_params)
         vae_cfg = infer_vae_config(t, float((yaml_params or {}).get("scale_factor", 0.18215)))
         text_cfg = infer_text_config(t, openclip)
-        sched_cfg = scheduler_config(infer_prediction_type(t, openclip, yaml_params, step), yaml_params)
+        sched_cfg = scheduler_config(infer_prediction_type(t, openclip, yaml_params, global_step), yaml_params)
     if prediction_type:
         if prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
         sched_cfg = {**sched_cfg, "prediction_type": prediction_type}
+    return unet_cfg, vae_cfg, text_cfg, sched_cfg
+
+
+class _Shape:
+    """Stands in for a tensor when only its shape is wanted (the dry run reads no weights)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+        self.ndim = len(self.shape)
+
+
+def read_checkpoint_shapes(path: str) -> dict:
+    """Key -> object with `.shape`; for .safetensors from the header alone (nothing else is read)."""
+    if not path.lower().endswith(".safetensors"):
+        return read_checkpoint(path)[0]
+    import json
+    import struct
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise WeightsError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > os.path.getsize(path) - 8:
+            raise WeightsError(f"{path}: corrupt safetensors header")
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return {k: _Shape(v["shape"]) for k, v in header.items()}
+
+
+def load_single_file(path: str, config: Optional[str] = None, original_config: Optional[str] = None,
+                     prediction_type: Optional[str] = None, dtype: Optional[str] = None) -> dict:
+    """The five pipeline components of a single-file checkpoint.
+
+    config: a diffusers folder whose configs, tokenizer and scheduler to use (e.g. the model's own
+    repository in the HF cache); original_config: the original LDM `.yaml`; prediction_type:
+    "epsilon" | "v_prediction" (wins over both).
+    """
+    from ..models.autoencoder_kl import AutoencoderKL
+    from ..models.clip import CLIPTextModel
+    from ..models.unet_2d_condition import UNet2DConditionModel
+    from ..schedulers import SCHEDULERS, DDIMScheduler
+
+    t, step = read_checkpoint(path)
+    unet_cfg, vae_cfg, text_cfg, sched_cfg = single_file_configs(t, step, config, original_config, prediction_type)
+    openclip = text_encoder_kind(t) == "openclip"
     models = {"unet": UNet2DConditionModel.from_config(unet_cfg), "vae": AutoencoderKL.from_config(vae_cfg),
               "text_encoder": CLIPTextModel.from_config(text_cfg)}
     for name, model in models.items():
@@ -298,7 +332,19 @@ def load_single_file(path: str, config: Optional[str] = None, original_config: O
         model.eval()
     scheduler_cls = SCHEDULERS.get(sched_cfg.get("_class_name", "DDIMScheduler"), DDIMScheduler)
     scheduler = scheduler_cls.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
-    return {**models, "tokenizer": _tokenizer(openclip, config), "scheduler": scheduler}
+    return {**models, "tokenizer": default_tokenizer(openclip, config), "scheduler": scheduler}
+
+
+def build_unloaded(path: str, **kwargs) -> dict:
+    """unet / vae / text_encoder built from the file's inferred configs, weights NOT loaded (for dry runs and
+    kohya name tables), plus "scheduler_config"; a .safetensors file is read for its header only."""
+    from ..models.autoencoder_kl import AutoencoderKL
+    from ..models.clip import CLIPTextModel
+    from ..models.unet_2d_condition import UNet2DConditionModel
+
+    unet_cfg, vae_cfg, text_cfg, sched_cfg = single_file_configs(read_checkpoint_shapes(path), **kwargs)
+    return {"unet": UNet2DConditionModel.from_config(unet_cfg), "vae": AutoencoderKL.from_config(vae_cfg),
+            "text_encoder": CLIPTextModel.from_config(text_cfg), "scheduler_config": sched_cfg}
 
 
 def save_single_file(pipe, path: str, dtype: Optional[str] = None) -> None:

@@ -23,6 +23,15 @@ def _load_components(folder: str):
     from ..models.clip_tokenizer import CLIPTokenizer
     from ..models.unet_2d_condition import UNet2DConditionModel
 
+    from ..hub import resolve_model
+    from ..pipelines.single_file import build_unloaded, default_tokenizer, is_single_file
+
+    folder = resolve_model(folder)
+    if is_single_file(folder):
+        m = build_unloaded(folder)
+        tokenizer = default_tokenizer(m["text_encoder"].config.hidden_act == "gelu", None)
+        return m["unet"], m["text_encoder"], m["vae"], tokenizer, m["scheduler_config"]
+
     def sub(name):
         path = os.path.join(folder, name)
         if not os.path.isdir(path):
