@@ -125,8 +125,10 @@ def kohya_name(path: str) -> str:
 def kohya_name_table(module_names: Iterable[str], component: str = "unet") -> Dict[str, Optional[str]]:
     """kohya name (without the lora_unet_/lora_te_ prefix) -> module path, from real module names.
 
-    Text encoders get `text_model.`-rooted aliases when the model has no `text_model` root
-    (transformers 5 flattened CLIPTextModel), because every kohya file has `text_model_`.
+    Text encoders are written by real tools with and without the `text_model_` level
+    (`lora_te_text_model_encoder_layers_0_...` by kohya and older tools, `lora_te_encoder_layers_0_...`
+    by lycoris-lora under transformers 5, which flattened CLIPTextModel): both spellings map to the
+    live model's own path, whichever root it has.
     Two paths with the same kohya name map to None (ambiguous) and are refused when used.
     """
     table: Dict[str, Optional[str]] = {}
@@ -141,8 +143,11 @@ def kohya_name_table(module_names: Iterable[str], component: str = "unet") -> Di
         if not path:
             continue
         add(kohya_name(path), path)
-        if component.startswith("text_encoder") and not path.startswith("text_model."):
-            add(kohya_name("text_model." + path), path)
+        if component.startswith("text_encoder"):
+            if path.startswith("text_model."):
+                add(kohya_name(path[len("text_model."):]), path)
+            else:
+                add(kohya_name("text_model." + path), path)
     return table
 
 
