@@ -1,47 +1,125 @@
-"""Set up Jittor before anything imports it.
+"""Set up Jittor before anything imports it, and say which device runs.
 
 Jittor reads its configuration from environment variables at import time. On a
 machine that has `nvcc` but no working CUDA driver/runtime (a common CI image),
-`import jittor` fails unless `nvcc_path=""` is set. We detect a usable GPU
-ourselves and only let Jittor look for CUDA when one exists.
+`import jittor` fails unless `nvcc_path=""` is set. We look for CUDA the way Jittor
+does (its own downloaded CUDA in ~/.cache/jittor/jtcuda, then `$nvcc_path`, `nvcc` on
+PATH, /usr/local/cuda/bin, /usr/bin, /opt/cuda/bin; never downloading), check that a
+driver, a device and the runtime library next to that nvcc are there, and only then
+let Jittor use the GPU. `device_report()` is the line every command prints first, and a
+GPU that is visible but unusable gets a warning saying why.
 
 Override with `JDIFFUSION_DEVICE=cpu` or `JDIFFUSION_DEVICE=cuda`.
 """
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import shutil
+from dataclasses import dataclass
+from typing import List, Optional
+
+
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def _cuda_devices() -> List[tuple]:
+    """(name, total memory in bytes) of each device the CUDA driver reports; [] without a driver."""
+    lib = _libcuda()
+    if lib is None:
+        return []
+    try:
+        if lib.cuInit(0) != 0:
+            return []
+        count = ctypes.c_int(0)
+        if lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return []
+        out = []
+        for i in range(count.value):
+            dev, name, mem = ctypes.c_int(0), ctypes.create_string_buffer(256), ctypes.c_size_t(0)
+            lib.cuDeviceGet(ctypes.byref(dev), i)
+            lib.cuDeviceGetName(name, 256, dev)
+            lib.cuDeviceTotalMem_v2(ctypes.byref(mem), dev)
+            out.append((name.value.decode(errors="replace") or f"cuda:{i}", int(mem.value)))
+        return out
+    except AttributeError:
+        return []
+
+
+def nvcc_candidates() -> List[str]:
+    """Where Jittor 1.3 looks for nvcc, in its order (jittor/compiler.py), without its download step."""
+    home = os.environ.get("HOME") or os.path.expanduser("~")
+    found = sorted(glob.glob(os.path.join(home, ".cache", "jittor", "jtcuda", "*", "bin", "nvcc")))
+    if os.environ.get("nvcc_path"):
+        found.append(os.environ["nvcc_path"])
+    on_path = shutil.which("nvcc")
+    if on_path:
+        found.append(on_path)
+    found += ["/usr/local/cuda/bin/nvcc", "/usr/bin/nvcc", "/opt/cuda/bin/nvcc"]
+    return found
+
+
+def find_nvcc() -> Optional[str]:
+    for path in nvcc_candidates():
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def _runtime_library(nvcc: str) -> Optional[str]:
+    """The libcudart Jittor loads: <cuda>/lib64/libcudart.so next to nvcc (or the system one for /usr/bin)."""
+    cuda_dir = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    names = [os.path.join(cuda_dir, "lib64", "libcudart.so"), os.path.join(cuda_dir, "lib", "libcudart.so")]
+    names += ["libcudart.so", "libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0"]
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+            return name
+        except OSError:
+            continue
+    return None
+
+
+@dataclass
+class GpuProbe:
+    devices: List[tuple]          # (name, bytes) per device the driver reports
+    nvcc: Optional[str]
+    runtime: Optional[str]
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.devices) and self.nvcc is not None and self.runtime is not None
+
+    def why_unusable(self) -> Optional[str]:
+        if not self.devices:
+            return None  # no GPU visible: nothing to explain
+        if self.nvcc is None:
+            return ("no nvcc found where Jittor looks (" + ", ".join(nvcc_candidates()) +
+                    "); install the CUDA toolkit or set nvcc_path=/path/to/nvcc")
+        if self.runtime is None:
+            return f"nvcc is at {self.nvcc} but no CUDA runtime library (libcudart.so) was found next to it"
+        return None
+
+
+def probe_gpu() -> GpuProbe:
+    devices = _cuda_devices()
+    nvcc = find_nvcc() if devices else None
+    return GpuProbe(devices, nvcc, _runtime_library(nvcc) if nvcc else None)
 
 
 def _cuda_device_count() -> int:
     """Number of CUDA devices the driver reports, 0 when there is no usable driver/runtime."""
-    try:
-        libcuda = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return 0
-    try:
-        if libcuda.cuInit(0) != 0:
-            return 0
-        count = ctypes.c_int(0)
-        if libcuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
-            return 0
-    except AttributeError:
-        return 0
-    # Jittor also needs the runtime library to compile and launch kernels.
-    for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0"):
-        try:
-            ctypes.CDLL(name)
-            return count.value
-        except OSError:
-            continue
-    return 0
+    probe = probe_gpu()
+    return len(probe.devices) if probe.usable else 0
 
 
 def gpu_available() -> bool:
-    """True when CUDA can really be used: nvcc, a driver, a runtime and at least one device."""
-    if shutil.which("nvcc") is None and not os.environ.get("nvcc_path"):
-        return False
+    """True when CUDA can really be used: a driver, a device, nvcc (where Jittor looks) and its runtime."""
     return _cuda_device_count() > 0
 
 
@@ -50,12 +128,16 @@ def configure_environment() -> str:
 
     Must run before the first `import jittor` in the process.
     """
+    global PROBE
     wanted = os.environ.get("JDIFFUSION_DEVICE", "auto").lower()
     if wanted not in ("auto", "cpu", "cuda"):
         raise ValueError(f"JDIFFUSION_DEVICE must be auto, cpu or cuda, got {wanted!r}")
-    device = "cuda" if wanted == "cuda" or (wanted == "auto" and gpu_available()) else "cpu"
+    PROBE = probe_gpu() if wanted != "cpu" else GpuProbe([], None, None)
+    device = "cuda" if wanted == "cuda" or (wanted == "auto" and PROBE.usable) else "cpu"
     if device == "cpu":
         os.environ["nvcc_path"] = ""
+    elif PROBE.nvcc and not os.environ.get("nvcc_path"):
+        os.environ["nvcc_path"] = PROBE.nvcc  # the nvcc we checked is the one Jittor uses
     # Jittor imports torch when it is installed unless told not to; torch is test-only here.
     os.environ.setdefault("FIX_TORCH_ERROR", "0")
     # Jittor's info/warning chatter (compiler paths, cache dirs); errors still print.
@@ -64,6 +146,7 @@ def configure_environment() -> str:
     return device
 
 
+PROBE: GpuProbe = GpuProbe([], None, None)
 DEVICE = configure_environment()
 
 import jittor as jt  # noqa: E402  (must follow the environment set-up above)
@@ -71,4 +154,43 @@ import jittor as jt  # noqa: E402  (must follow the environment set-up above)
 if DEVICE == "cuda":
     jt.flags.use_cuda = 1
 
-__all__ = ["jt", "DEVICE", "gpu_available", "configure_environment"]
+
+def cpu_threads() -> int:
+    """Threads Jittor's CPU kernels use (OpenMP: OMP_NUM_THREADS, else the CPUs this process may run on)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def device_report(device: Optional[str] = None, probe: Optional[GpuProbe] = None) -> List[str]:
+    """The device line every command prints first, plus a warning when a GPU is visible but unusable."""
+    device, probe = device or DEVICE, probe or PROBE
+    forced = " (JDIFFUSION_DEVICE)" if os.environ.get("JDIFFUSION_DEVICE", "auto").lower() != "auto" else ""
+    if device == "cuda" and probe.devices:
+        name, mem = probe.devices[0]
+        lines = [f"device: GPU 0 {name}, {mem / 2 ** 30:.1f} GiB{forced}"
+                 + (f" ({len(probe.devices)} visible)" if len(probe.devices) > 1 else "")]
+    elif device == "cuda":
+        lines = [f"device: GPU (CUDA){forced}"]
+    else:
+        lines = [f"device: CPU, {cpu_threads()} threads{forced}"]
+    why = probe.why_unusable()
+    if device == "cpu" and why:
+        names = ", ".join(n for n, _ in probe.devices)
+        lines.append(f"warning: a CUDA GPU is visible ({names}) but unusable, running on CPU: {why}")
+    return lines
+
+
+def announce_device() -> None:
+    """Print the device line (stdout) and any unusable-GPU warning (stderr); rank 0 only under MPI."""
+    import sys
+    if getattr(jt, "rank", 0) != 0:
+        return
+    for line in device_report():
+        print(line, file=sys.stderr if line.startswith("warning:") else sys.stdout, flush=True)
+
+
+__all__ = ["jt", "DEVICE", "gpu_available", "configure_environment", "device_report", "announce_device"]

@@ -15,7 +15,8 @@ import warnings
 
 def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
     g = p.add_argument_group("inputs")
-    g.add_argument("--model", default=None, help="diffusers-layout model folder (default: the built-in tiny model)")
+    g.add_argument("--model", default=None, help="diffusers folder, single-file checkpoint or org/name in the HF cache "
+                   "(default: the built-in tiny model)")
     g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA file or folder, any supported format; repeat for several")
     g.add_argument("--data", default=None, help="dataset root with <NN>/prompt.json (and tag.json, llm_prompt.json)")
@@ -86,10 +87,13 @@ def resolve_workers(value) -> int:
 
 
 def run(args) -> int:
+    from .._runtime import announce_device
     from ..generate import GenerateSettings, LoraSpec, build_items, read_inputs, run_job
     from ..tiny import tiny_model_path
 
     check_arguments(args)
+    announce_device()
+
     styles = [s for s in args.styles.split(",") if s.strip()] if args.styles else None
     if not args.data and not args.prompts:
         raise ValueError("give --data (dataset root with <NN>/prompt.json) or --prompts FILE")

@@ -30,6 +30,8 @@ def run(args) -> int:
     if args.print_config:
         print(to_toml(config), end="")
         return 0
+    from .._runtime import announce_device
+    announce_device()
     if args.dry_run:
         from ..train.dry_run import dry_run
         return dry_run(config)

@@ -10,7 +10,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("txt2img", help="generate images from a prompt",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
-                   help="diffusers-layout model folder (default: the built-in tiny model)")
+                   help="diffusers folder, single-file checkpoint (.safetensors/.ckpt) or org/name in the "
+                        "HF cache (default: the built-in tiny model)")
     p.add_argument("--prompt", default="a red circle on a blue background")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--scheduler", default=None,
@@ -36,11 +37,13 @@ def check_arguments(args) -> None:
 
 
 def run(args) -> int:
+    from .._runtime import announce_device
     from ..image_files import save_png
     from ..pipelines import load_pipeline
     from ..tiny import tiny_model_path
 
     check_arguments(args)
+    announce_device()
     model = args.model or tiny_model_path()
     pipe = load_pipeline(model, scheduler=args.scheduler)
     for i, spec in enumerate(args.lora):
