@@ -191,3 +191,41 @@ def test_lora_merge_writes_single_file_that_reloads_identically(tmp_path, capsys
     assert main(["lora", "merge", "--model", str(tmp_path / "base.safetensors"), "--lora", lora, "--out", again]) == 0
     t1, t2 = read_safetensors(merged_file)[0], read_safetensors(again)[0]
     assert set(t1) == set(t2) and all(np.array_equal(t1[k], t2[k]) for k in t1)
+
+
+def test_original_yaml_flag_and_commands_take_a_file(tmp_path, capsys):
+    """An original .yaml decides the prediction type and heads; `train --dry-run --base-model FILE` and
+    `lora inspect --model FILE` work on the file; the dry run reads only the safetensors header."""
+    from jdiffusion_lora.cli import main
+    from jdiffusion_lora.train.plan import _load_components
+
+    folder = str(tmp_path / "folder")
+    build_folder(folder, sd2=True)
+    path = str(tmp_path / "sd2.safetensors")
+    StableDiffusionPipeline.from_pretrained(folder).save_single_file(path)
+    yaml_path = tmp_path / "v2-inference.yaml"
+    yaml_path.write_text("model:\n  params:\n    linear_start: 0.00085\n    linear_end: 0.0120\n"
+                         "    unet_config:\n      params:\n        num_head_channels: 32\n")
+    loaded = StableDiffusionPipeline.from_single_file(path, original_config=str(yaml_path))
+    assert loaded.scheduler.config.prediction_type == "epsilon"  # no `parameterization: "v"`
+    assert list(loaded.unet.config.attention_head_dim) == [2, 4]  # 64 / 32, 128 / 32
+    yaml_path.write_text(yaml_path.read_text().replace("params:\n    linear", "params:\n    parameterization: v\n"
+                                                                            "    linear", 1))
+    assert StableDiffusionPipeline.from_single_file(path, original_config=str(yaml_path)) \
+        .scheduler.config.prediction_type == "v_prediction"
+
+    unet, text_encoder, vae, tokenizer, sched = _load_components(path)
+    assert sched["prediction_type"] == "v_prediction" and tokenizer.pad_token == "!"
+    assert tuple(unet.config.block_out_channels) == (64, 128) and text_encoder.config.hidden_act == "gelu"
+
+    from jdiffusion_lora.lora import LoraState, ModuleLora, save_lora_state
+    rng = np.random.default_rng(0)
+    lora = save_lora_state(LoraState({"text_encoder.text_model.encoder.layers.1.mlp.fc1": ModuleLora(
+        "lora", {"down": rng.standard_normal((2, 64)).astype(np.float32),
+                 "up": rng.standard_normal((128, 2)).astype(np.float32)})}),
+        str(tmp_path / "te.safetensors"), format="kohya")
+    capsys.readouterr()
+    assert main(["lora", "inspect", lora, "--model", path, "--json"]) == 0
+    import json
+    report = json.loads(capsys.readouterr().out)
+    assert report["modules"] == 1 and report["unmapped"] == []
