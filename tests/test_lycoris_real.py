@@ -63,16 +63,18 @@ def test_lycoris_file_matches_diffusers(tmp_path, algo, monkeypatch):
     assert max_abs_diff(got, expected) <= 1e-4
     assert max_abs_diff(plain, expected) > 1e-3  # the network really changes the image
 
-    # the same file with the other text-encoder spelling (`lora_te_text_model_encoder_...` / the other)
-    other = {}
-    for k, v in tensors.items():
+    # the same file with the other text-encoder spelling (`lora_te_text_model_encoder_...` / the other one),
+    # and with SDXL's first-encoder prefix `lora_te1_`: the same image
+    def respell(k, te_prefix):
         if k.startswith("lora_te_text_model_"):
-            k = "lora_te_" + k[len("lora_te_text_model_"):]
-        elif k.startswith("lora_te_"):
-            k = "lora_te_text_model_" + k[len("lora_te_"):]
-        other[k] = v
-    save_safetensors(other, str(tmp_path / "other.safetensors"), metadata=metadata)
-    again = StableDiffusionPipeline.from_pretrained(folder)
-    again.set_progress_bar_config(disable=True)
-    again.load_lora_weights(str(tmp_path / "other.safetensors"), adapter_name="x")
-    assert max_abs_diff(again("a red circle", latents=latents, **kwargs).images, got) == 0
+            return te_prefix + k[len("lora_te_text_model_"):]
+        if k.startswith("lora_te_"):
+            return te_prefix + "text_model_" + k[len("lora_te_"):]
+        return k
+    for i, te_prefix in enumerate(("lora_te_", "lora_te1_")):
+        other = str(tmp_path / f"other{i}.safetensors")
+        save_safetensors({respell(k, te_prefix): v for k, v in tensors.items()}, other, metadata=metadata)
+        again = StableDiffusionPipeline.from_pretrained(folder)
+        again.set_progress_bar_config(disable=True)
+        again.load_lora_weights(other, adapter_name="x")
+        assert max_abs_diff(again("a red circle", latents=latents, **kwargs).images, got) == 0

@@ -40,7 +40,11 @@ def is_single_file(path: str) -> bool:
 
 
 def read_checkpoint(path: str) -> Tuple[Dict[str, np.ndarray], Optional[int]]:
-    """(tensors, global_step or None) of a single-file checkpoint; `model_ema.*` copies are dropped."""
+    """(tensors, global_step or None) of a single-file checkpoint.
+
+    Keys no model uses (`model_ema.*`, `alphas_cumprod`, CLIP's `position_ids`, ...) stay in the dict and are
+    never looked at: each model picks its own tensors by name.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     step = None
