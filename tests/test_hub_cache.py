@@ -54,6 +54,10 @@ def test_resolves_by_name_and_revision_without_network(tmp_path, monkeypatch, no
     pipe = StableDiffusionPipeline.from_pretrained("org/name", revision="v1.0")
     assert pipe.unet.config.block_out_channels
     assert UNet2DConditionModel.from_pretrained("org/name", subfolder="unet").config == pipe.unet.config
+    from jdiffusion_lora import CLIPTokenizer, DDIMScheduler
+    assert CLIPTokenizer.from_pretrained("org/name", subfolder="tokenizer").encode("a cat") == \
+        pipe.tokenizer.encode("a cat")
+    assert DDIMScheduler.from_pretrained("org/name", subfolder="scheduler").config == pipe.scheduler.config
 
 
 def test_missing_model_says_where_it_looked(tmp_path, monkeypatch, no_network):

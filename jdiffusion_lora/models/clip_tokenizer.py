@@ -177,8 +177,11 @@ class CLIPTokenizer:
         """Read vocab.json + merges.txt (or a transformers-5 tokenizer.json) and the special tokens.
 
         Special tokens come from tokenizer_config.json, overridden by special_tokens_map.json
-        (as transformers does); missing ones take CLIP's defaults.
+        (as transformers does); missing ones take CLIP's defaults. `folder` may be `org/name` in the
+        local HuggingFace cache.
         """
+        from ..hub import resolve_model
+        folder = resolve_model(folder)
         if subfolder:
             folder = os.path.join(folder, subfolder)
         if not os.path.isdir(folder):

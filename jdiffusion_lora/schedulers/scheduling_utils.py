@@ -320,8 +320,10 @@ class SchedulerMixin:
 
     @classmethod
     def from_pretrained(cls, folder: str, subfolder: Optional[str] = None, **overrides):
-        """Load from a folder holding `scheduler_config.json` (diffusers layout; the class in it may differ)."""
-        return cls.from_config(cls.load_config(folder, subfolder), **overrides)
+        """Load from a folder holding `scheduler_config.json` (diffusers layout; the class in it may differ),
+        or `org/name` in the local HuggingFace cache."""
+        from ..hub import resolve_model
+        return cls.from_config(cls.load_config(resolve_model(folder), subfolder), **overrides)
 
     def save_pretrained(self, folder: str) -> None:
         """Write `scheduler_config.json` (with `_class_name`) that diffusers and we can load."""
