@@ -197,7 +197,7 @@ def test_original_yaml_flag_and_commands_take_a_file(tmp_path, capsys):
     """An original .yaml decides the prediction type and heads; `train --dry-run --base-model FILE` and
     `lora inspect --model FILE` work on the file; the dry run reads only the safetensors header."""
     from jdiffusion_lora.cli import main
-    from jdiffusion_lora.train.plan import _load_components
+    from jdiffusion_lora.train.dry_run import _load_components
 
     folder = str(tmp_path / "folder")
     build_folder(folder, sd2=True)
