@@ -129,6 +129,11 @@ def test_stability_sd2_layout_and_ckpt(tmp_path):
         assert np.abs(a - b).max() <= 1e-6
     assert StableDiffusionPipeline.from_single_file(ckpt, prediction_type="v_prediction") \
         .scheduler.config.prediction_type == "v_prediction"
+    # a diffusers folder as `config=`: its configs, tokenizer and scheduler (v-prediction) are used
+    with_config = StableDiffusionPipeline.from_single_file(ckpt, config=folder)
+    assert with_config.scheduler.config.prediction_type == "v_prediction"
+    for a, b in zip(_outputs(with_config), _outputs(ours)):
+        assert np.abs(a - b).max() <= 1e-6
 
 
 class _Evil:
