@@ -29,7 +29,8 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..models import single_file_keys as K
-from ..weights import WeightsError, read_safetensors, read_torch_pickle, save_safetensors, unpickle_torch_zip
+from ..weights import (WeightsError, read_safetensors, read_safetensors_header, read_torch_pickle, save_safetensors,
+                       unpickle_torch_zip)
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 _TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "tiny-sd", "tokenizer")
@@ -295,18 +296,8 @@ def read_checkpoint_shapes(path: str) -> dict:
     """Key -> object with `.shape`; for .safetensors from the header alone (nothing else is read)."""
     if not path.lower().endswith(".safetensors"):
         return read_checkpoint(path)[0]
-    import json
-    import struct
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise WeightsError(f"{path}: truncated safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > os.path.getsize(path) - 8:
-            raise WeightsError(f"{path}: corrupt safetensors header")
-        header = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return {k: _Shape(v["shape"]) for k, v in header.items()}
+    entries = read_safetensors_header(path)[0]
+    return {k: _Shape(v["shape"]) for k, v in entries.items()}
 
 
 def load_single_file(path: str, config: Optional[str] = None, original_config: Optional[str] = None,
