@@ -305,14 +305,20 @@ class LoraLayer(nn.Module):
 
     def _adapter_output(self, x, adapter: Adapter, multiplier: float):
         training = self.is_train
+        # The product runs in the activation's dtype: half under mixed precision, where the float32
+        # adapter tensors are cast on the way in (as torch.autocast does) and their gradients flow
+        # back through the cast in float32.
         dtype = adapter.tensors["down" if adapter.kind == "lora" else next(iter(adapter.tensors))].dtype
-        if x.dtype != dtype:
+        if str(x.dtype) in ("float16", "bfloat16"):
+            dtype = x.dtype
+        elif x.dtype != dtype:
             x = x.cast(dtype)
         if training and adapter.input_dropout > 0:
             x = nn.dropout(x, adapter.input_dropout, is_train=True)
         if not adapter.low_rank_path:
             return self._apply(x, adapter.weight_update(self.weight, multiplier).cast(dtype))
-        h = self._apply(x, adapter.tensors["down"])                       # (..., r) or (B, r, H', W')
+        down, up = (t if t.dtype == dtype else t.cast(dtype) for t in (adapter.tensors["down"], adapter.tensors["up"]))
+        h = self._apply(x, down)                                           # (..., r) or (B, r, H', W')
         if training and adapter.dropout > 0:
             h = nn.dropout(h, adapter.dropout, is_train=True)
         scale = adapter.scale * multiplier
@@ -325,7 +331,7 @@ class LoraLayer(nn.Module):
                 keep = keep.reshape(h.shape[0], 1, r)
             h = h * keep
             scale = scale / (1.0 - adapter.rank_dropout)
-        return self._apply(h, adapter.tensors["up"], spatial=False) * scale
+        return self._apply(h, up, spatial=False) * scale
 
     def execute(self, x):
         out = self.base_layer(x)

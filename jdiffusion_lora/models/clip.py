@@ -19,7 +19,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from .._runtime import jt
-from .layers import activation
+from .checkpointing import Checkpointable
+from .layers import LayerNorm, activation
 from .modeling import ConfigError, ModelMixin
 
 nn = jt.nn
@@ -156,15 +157,15 @@ class CLIPMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class CLIPEncoderLayer(nn.Module):
+class CLIPEncoderLayer(Checkpointable, nn.Module):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.self_attn = CLIPAttention(config)
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CLIPMLP(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def execute(self, x: jt.Var, mask: jt.Var, row_valid: Optional[jt.Var] = None) -> jt.Var:
         x = x + self.self_attn(self.layer_norm1(x), mask, row_valid)
@@ -182,7 +183,7 @@ class CLIPTextTransformer(nn.Module):
         super().__init__()
         self.embeddings = CLIPTextEmbeddings(config)
         self.encoder = CLIPEncoder(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
 
 def _as_numpy_ids(input_ids) -> np.ndarray:
@@ -203,6 +204,10 @@ class CLIPTextModel(ModelMixin):
     config_ignore = _GENERIC_CONFIG_KEYS
     weights_names = ("model", "pytorch_model")
     save_weights_name = "model.safetensors"
+
+    def gradient_checkpointing_enable(self):
+        """transformers' name for `enable_gradient_checkpointing` (each encoder layer recomputed)."""
+        return self.enable_gradient_checkpointing()
 
     def __init__(self, config: CLIPTextConfig):
         super().__init__()

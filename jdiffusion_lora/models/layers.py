@@ -11,6 +11,7 @@ import numpy as np
 
 from .._runtime import jt
 from ..configuration import ConfigError
+from .checkpointing import Checkpointable
 
 nn = jt.nn
 
@@ -100,9 +101,35 @@ class GroupNorm(nn.Module):
         return h.cast(dtype)
 
 
+class LayerNorm(nn.Module):
+    """torch.nn.LayerNorm over the last axis, computed in float32 with a two-pass variance.
+
+    Jittor's nn.LayerNorm uses E[x^2] - E[x]^2 in the input's dtype, which in bfloat16/float16
+    keeps about two significant digits of the variance. Same parameter names (weight, bias).
+    The output has the input's dtype (half under mixed precision, as torch's layer_norm).
+    """
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, elementwise_affine: bool = True):
+        self.normalized_shape = (int(normalized_shape),)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if elementwise_affine:
+            self.weight = jt.ones(self.normalized_shape, dtype="float32")
+            self.bias = jt.zeros(self.normalized_shape, dtype="float32")
+
+    def execute(self, x):
+        dtype = x.dtype
+        h = x.float32()                                                    # (..., C)
+        h = h - h.mean(dim=-1, keepdims=True)
+        h = h / jt.sqrt((h * h).mean(dim=-1, keepdims=True) + self.eps)
+        if self.elementwise_affine:
+            h = h * self.weight.float32() + self.bias.float32()
+        return h.cast(dtype)
+
+
 # --------------------------------------------------------------------------- resnet and resampling
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(Checkpointable, nn.Module):
     """GroupNorm -> act -> conv3x3 (+ time embedding) -> GroupNorm -> act -> dropout -> conv3x3, plus a shortcut."""
 
     def __init__(self, in_channels: int, out_channels: Optional[int] = None, temb_channels: Optional[int] = 512,

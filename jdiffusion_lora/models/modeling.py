@@ -165,6 +165,25 @@ class ModelMixin(nn.Module):
                 var.assign(var.cast(target))
         return self
 
+    # ----------------------------------------------------------------- gradient checkpointing
+
+    def enable_gradient_checkpointing(self):
+        """Recompute each ResNet / transformer block in the backward pass instead of keeping its
+        activations (diffusers' name; see models/checkpointing.py)."""
+        from .checkpointing import set_gradient_checkpointing
+        set_gradient_checkpointing(self, True)
+        return self
+
+    def disable_gradient_checkpointing(self):
+        from .checkpointing import set_gradient_checkpointing
+        set_gradient_checkpointing(self, False)
+        return self
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        from .checkpointing import Checkpointable
+        return any(m.gradient_checkpointing for m in self.modules() if isinstance(m, Checkpointable))
+
     @property
     def dtype(self) -> str:
         for var in self.parameters():

@@ -19,8 +19,9 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .._runtime import jt
-from .layers import (Attention, Downsample2D, GroupNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D, activation,
-                     timestep_embedding)
+from .checkpointing import Checkpointable
+from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D,
+                     activation, timestep_embedding)
 from .modeling import ConfigError, ModelMixin
 
 nn = jt.nn
@@ -156,17 +157,17 @@ class FeedForward(nn.Module):
         return x
 
 
-class BasicTransformerBlock(nn.Module):
+class BasicTransformerBlock(Checkpointable, nn.Module):
     """Pre-LayerNorm block: self-attention, cross-attention to the text, GEGLU feed-forward."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int,
                  upcast_attention: bool = False):
-        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm1 = LayerNorm(dim, eps=1e-5)
         self.attn1 = Attention(dim, heads=heads, dim_head=dim_head, upcast_attention=upcast_attention)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm2 = LayerNorm(dim, eps=1e-5)
         self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, heads=heads, dim_head=dim_head,
                                upcast_attention=upcast_attention)
-        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.norm3 = LayerNorm(dim, eps=1e-5)
         self.ff = FeedForward(dim)
 
     def execute(self, x, context, context_mask=None):

@@ -1,0 +1,168 @@
+"""Gradient checkpointing (Chen et al. 2016, "Training deep nets with sublinear memory cost").
+
+A checkpointed block keeps only its inputs from the forward pass; the backward pass runs the block
+again and differentiates that second run. Jittor has no checkpoint primitive, so it is built on
+`jt.Function` (custom forward `execute` and backward `grad`):
+
+    execute(inputs)   the block under jt.no_grad(): its activations are not kept for a backward
+    grad(dout)        rebuild the block's forward from the saved inputs, with gradients on, and
+                      return d(sum(out * dout)) for every input and every trainable tensor inside
+                      the block (LoRA matrices, which Jittor's module traversal does not see)
+
+Random numbers (dropout) drawn during `execute` are recorded and handed back, in the same order,
+to the recomputation, so the rebuilt forward is the forward that ran.
+
+    unet.enable_gradient_checkpointing()    # every ResnetBlock2D and BasicTransformerBlock
+    y = block(x, ...)                        # checkpointed while gradients are on
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import List, Optional
+
+from .._runtime import jt
+
+nn = jt.nn
+
+
+class Checkpointable:
+    """Mixin for an nn.Module whose forward may be checkpointed: set `gradient_checkpointing = True`."""
+
+    gradient_checkpointing = False
+
+    def __call__(self, *args, **kw):
+        if self.gradient_checkpointing and not jt.flags.no_grad and not kw:
+            return checkpoint(self.execute, trainable_vars(self), *args)
+        return self.execute(*args, **kw)
+
+
+def trainable_vars(module) -> List["jt.Var"]:
+    """The Vars inside `module` that receive gradients: unfrozen parameters and adapter tensors."""
+    out, seen = [], set()
+    for m in module.modules():
+        found = [p for p in m.parameters(recurse=False) if not p.is_stop_grad()] if hasattr(m, "parameters") else []
+        for adapter in getattr(m, "_adapters", {}).values():
+            found += [v for v in adapter.tensors.values() if not v.is_stop_grad()]
+        for v in found:
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append(v)
+    return out
+
+
+def set_gradient_checkpointing(model, enabled: bool = True) -> int:
+    """Switch checkpointing on (off) for every Checkpointable module of `model`; returns how many."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Checkpointable):
+            m.gradient_checkpointing = bool(enabled)
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------ random replay
+
+class _RandomTape:
+    """Records the Vars `jt.random` returns (dropout masks come from it) and replays them in order;
+    Python's `random` (module dropout draws from it) restarts from the state the forward saw."""
+
+    def __init__(self):
+        self.values: List["jt.Var"] = []
+        self.python_state = None
+
+    @contextlib.contextmanager
+    def recording(self):
+        original = jt.random
+        self.python_state = random.getstate()
+
+        def record(*args, **kw):
+            v = original(*args, **kw).stop_grad()
+            self.values.append(v)
+            return v
+
+        jt.random = record
+        try:
+            yield
+        finally:
+            jt.random = original
+
+    @contextlib.contextmanager
+    def replaying(self):
+        original, queue = jt.random, list(self.values)
+
+        def replay(shape, dtype="float32", type="uniform"):
+            if not queue:
+                raise RuntimeError("gradient checkpointing: the recomputed forward drew more random numbers "
+                                   "than the original one (is the block's forward deterministic?)")
+            v = queue.pop(0)
+            if tuple(v.shape) != tuple(shape):
+                raise RuntimeError(f"gradient checkpointing: random draw of shape {tuple(shape)} replayed "
+                                   f"from one of shape {tuple(v.shape)}")
+            return v
+
+        jt.random = replay
+        outside = random.getstate()
+        random.setstate(self.python_state)
+        try:
+            yield
+        finally:
+            jt.random = original
+            random.setstate(outside)
+
+
+# ------------------------------------------------------------------------------ the function
+
+class _Checkpoint(jt.Function):
+    """jt.Function over (inputs..., trainables...); `fn` closes over the trainables itself."""
+
+    def __init__(self, fn, trainables: List["jt.Var"], n_inputs: int):
+        self.fn = fn
+        self.trainables = trainables       # the real Vars: gradients are taken with respect to them
+        self.n_inputs = n_inputs
+        self.tape = _RandomTape()
+        self.saved: list = []
+
+    def execute(self, *args):
+        inputs = args[:self.n_inputs]
+        # detached copies: the saved inputs do not hold the graph that produced them
+        self.saved = [a.detach() if isinstance(a, jt.Var) else a for a in inputs]
+        self.needs = [isinstance(a, jt.Var) and not a.is_stop_grad() and a.dtype.is_float() for a in inputs]
+        with jt.no_grad(), self.tape.recording():
+            out = self.fn(*self.saved)
+        if not isinstance(out, jt.Var):
+            raise TypeError("gradient checkpointing: the block must return one Var")
+        self.out_dtype = out.dtype
+        return out
+
+    def grad(self, dout):
+        xs = []
+        for a, need in zip(self.saved, self.needs):
+            if need:
+                a = a.detach()
+                a.start_grad()
+            xs.append(a)
+        with self.tape.replaying():
+            out = self.fn(*xs)                                           # the forward, rebuilt
+        wrt = [x for x, need in zip(xs, self.needs) if need] + list(self.trainables)
+        if dout is None or not wrt:
+            return [None] * (self.n_inputs + len(self.trainables))
+        grads = iter(jt.grad((out.float32() * dout.float32().detach()).sum(), wrt))
+        result = [next(grads).cast(x.dtype) if need else None for x, need in zip(xs, self.needs)]
+        result += [next(grads) for _ in self.trainables]
+        self.saved, self.tape = [], _RandomTape()                         # free the inputs once used
+        return result
+
+
+def checkpoint(fn, trainables: Optional[List["jt.Var"]], *inputs):
+    """fn(*inputs) computed so that only `inputs` are kept for the backward pass.
+
+    trainables: every Var that `fn` uses and that needs a gradient besides `inputs` (see `trainable_vars`).
+    Non-Var inputs (None, numbers) are passed through.
+    """
+    trainables = list(trainables or [])
+    func = _Checkpoint(fn, trainables, len(inputs))
+    return func(*inputs, *trainables)
+
+
+__all__ = ["Checkpointable", "checkpoint", "set_gradient_checkpointing", "trainable_vars"]
