@@ -77,6 +77,13 @@ def read_model_weights(path: str) -> Dict[str, np.ndarray]:
     return load_weights(path)
 
 
+def to_model_dtype(x: "jt.Var", model) -> "jt.Var":
+    """A float input cast to the dtype of `model`'s weights (a half model's first conv / matmul needs
+    half inputs: Jittor's CPU conv fails on a float32 input with bfloat16 weights)."""
+    dtype = model.dtype
+    return x.cast(dtype) if x.dtype != dtype and x.dtype.is_float() else x
+
+
 class ModelMixin(nn.Module):
     """Base for models loaded from a diffusers / transformers folder."""
 

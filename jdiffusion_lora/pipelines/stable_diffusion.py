@@ -29,6 +29,7 @@ from ..lora import LoraLoaderMixin
 from ..models.autoencoder_kl import AutoencoderKL
 from ..models.clip import CLIPTextModel
 from ..models.clip_tokenizer import CLIPTokenizer
+from ..models.modeling import to_model_dtype
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers import SCHEDULERS, DDIMScheduler
 from .single_file import is_single_file
@@ -211,7 +212,7 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     def decode_latents(self, latents) -> np.ndarray:
         """Latents (B, 4, h, w) -> images (B, H, W, 3) in [0, 1]."""
         with jt.no_grad():
-            image = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+            image = self.vae.decode(to_model_dtype(latents / self.vae.config.scaling_factor, self.vae)).sample
         image = (image / 2 + 0.5).clamp(0, 1)
         return image.float32().numpy().transpose(0, 2, 3, 1)
 
@@ -269,7 +270,8 @@ class StableDiffusionPipeline(LoraLoaderMixin):
                 x = jt.concat([latents, latents], dim=0) if do_cfg else latents
                 x = self.scheduler.scale_model_input(x, t)
                 # the UNet's prediction: the noise (epsilon) or v, as the scheduler's prediction_type says
-                model_output = self.unet(x, float(t), context).sample              # (2B or B, 4, h, w)
+                model_output = self.unet(to_model_dtype(x, self.unet), float(t),   # (2B or B, 4, h, w)
+                                         to_model_dtype(context, self.unet)).sample.float32()
                 if do_cfg:   # classifier-free guidance (Ho & Salimans 2022)
                     out_uncond, out_text = model_output[:batch], model_output[batch:]
                     model_output = out_uncond + guidance_scale * (out_text - out_uncond)

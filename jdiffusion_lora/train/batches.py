@@ -20,6 +20,7 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import numpy as np
 
 from .._runtime import jt
+from ..models.modeling import to_model_dtype
 from ..image_files import list_images, save_png
 from .cache import LatentCache, latent_key, sample_latent, vae_fingerprint
 from .captions import CaptionOptions, caption_parts, render_caption, split_tags
@@ -176,7 +177,7 @@ class SampleBuilder:
     def encode_pixels(self, batch: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> VAE posterior parameters (B, 2C, h, w)."""
         with jt.no_grad():
-            dist = self.vae.encode(jt.array(batch.astype(np.float32))).latent_dist
+            dist = self.vae.encode(to_model_dtype(jt.array(batch.astype(np.float32)), self.vae)).latent_dist
             out = dist.parameters.numpy()
         return out.astype(np.float32)
 

@@ -40,11 +40,13 @@ def file_hash(path: str) -> str:
 
 
 def vae_fingerprint(vae, source: str) -> str:
-    """Identifies the encoder: its folder (or "tiny") and its config."""
+    """Identifies the encoder: its folder (or "tiny"), its config and its dtype when not float32."""
     import dataclasses
     cfg = dataclasses.asdict(vae.config) if dataclasses.is_dataclass(vae.config) else dict(vae.config)
-    text = json.dumps({"source": os.path.abspath(source) if source else "tiny", "config": cfg}, sort_keys=True,
-                      default=str)
+    ident = {"source": os.path.abspath(source) if source else "tiny", "config": cfg}
+    if vae.dtype != "float32":  # a half-precision encoder (mixed_precision) gives other latents
+        ident["dtype"] = vae.dtype
+    text = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -302,7 +302,7 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
                  "samples_seen": step * c.train_batch_size * c.gradient_accumulation_steps,
                  "rng": {"scheme": "per-sample numpy streams from (seed, sample index); jittor reseeded per step",
                          "seed": c.seed},
-                 "prediction_type": t.prediction_type, "config": as_dict(c)}
+                 "prediction_type": t.prediction_type, "config": as_dict(c), "grad_scaler": t.scaler.state_dict()}
         save_training_state(folder, state, ad.adapter_arrays(t.pairs), t.optimizer.state_arrays(), extra)
 
     try:
@@ -331,6 +331,7 @@ def restore(t: "Trainer", checkpoint: str) -> None:
                          f"this run {t.prediction_type}")
     ad.load_adapter_arrays(t.pairs, adapter)
     t.optimizer.load_state_arrays(optimizer, state["optimizer_steps"])
+    t.scaler.load_state_dict(state.get("grad_scaler"))
     ga = {}
     for key, arr in extra.items():
         if key.startswith("ga."):

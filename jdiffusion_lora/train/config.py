@@ -123,7 +123,8 @@ class TrainConfig:
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     max_grad_norm: float = 1.0            # 0 = no clipping
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each UNet (and trained text-encoder) block in the backward
+    mixed_precision: str = "no"           # no | bf16 | fp16: frozen weights in half; LoRA, optimizer, loss in fp32
     ema_decay: float = 0.0                # 0 = no EMA
 
     # ------------------------------------------------------------------ checkpoints
@@ -174,6 +175,7 @@ CHOICES: Dict[str, tuple] = {
     "adaptive_lr_matrix": ("up", "down"),
     "lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"),
     "save_dtype": ("fp32", "fp16", "bf16"),
+    "mixed_precision": ("no", "bf16", "fp16"),
     "prediction_type": ("", "epsilon", "v_prediction"),
 }
 

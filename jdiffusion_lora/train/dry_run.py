@@ -175,11 +175,12 @@ def dry_run(c, printer: Callable[[str], None] = print) -> int:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     latent = c.resolution // factor
     batch = c.train_batch_size * (2 if c.with_prior_preservation else 1)
-    weights = (_count(unet) + _count(text_encoder) + _count(vae)) * 4
+    weights = (_count(unet) + _count(text_encoder) + _count(vae)) * (4 if c.mixed_precision == "no" else 2)
     states = {"AdamW": 2, "Adam": 2, "Adan": 4, "SGD": 1, "RMSprop": 1}[c.optimizer]
     trainable = lora_total * 4 * (3 + states + (1 if c.ema_decay else 0))
     acts = activation_bytes(unet.config, latent, batch)
-    out("memory estimate (float32):")
+    out(f"memory estimate (weights in {'float32' if c.mixed_precision == 'no' else c.mixed_precision}"
+        f"{', activations before gradient checkpointing' if c.gradient_checkpointing else ''}):")
     out(f"  weights {_mb(weights)} + LoRA, gradients and optimizer state {_mb(trainable)} + UNet activations "
         f"~{_mb(acts)} (rough) = ~{_mb(weights + trainable + acts)}")
     out("")

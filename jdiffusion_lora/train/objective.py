@@ -18,6 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .._runtime import jt
+from ..models.modeling import to_model_dtype
 
 
 class NonFiniteLoss(RuntimeError):
@@ -84,8 +85,6 @@ def check_model_fits(pipe, c, printer: Callable[[str], None]) -> None:
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if c.resolution % factor:
         raise ValueError(f"resolution must be a multiple of {factor} (the VAE's downsampling), got {c.resolution}")
-    if c.gradient_checkpointing:
-        printer("note: gradient_checkpointing is not available with Jittor's graph here; training without it")
 
 
 class DenoisingLoss:
@@ -110,7 +109,8 @@ class DenoisingLoss:
             noisy_noise = noise + c.input_perturbation * jt.array(np.stack([s.perturbation for s in samples]))
         noisy = self.noise_scheduler.add_noise(latents, noisy_noise, t)
         context = self.encode_text([s.caption for s in samples])                       # (B, T, D)
-        pred = self.unet(noisy, t.astype(np.float32), context).sample
+        pred = self.unet(to_model_dtype(noisy, self.unet), t.astype(np.float32),
+                         to_model_dtype(context, self.unet)).sample                    # half under mixed_precision
         target = training_target(self.prediction_type, self.noise_scheduler, latents, noise, t)
         per = per_sample_loss(pred, target, c.loss_type, c.huber_c)                     # (B,)
         weights = min_snr_weights(self.alphas_cumprod, t, c.min_snr_gamma, self.prediction_type)

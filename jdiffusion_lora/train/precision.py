@@ -19,9 +19,13 @@ exp/pow -> float32), so casting the model inputs and weights gives autocast's dt
 products, and the few float32 islands (norms, softmax) are written in our layers. A convolution must
 get one dtype: Jittor's CPU (oneDNN) conv fails on a float32 input with a bfloat16 weight.
 
-Device choice: on CPU, bfloat16 matmuls go through oneDNN (a 512^3 product 0.03 s here) while float16
-falls back to a generic loop (about 2-4 s): use bf16 on CPU; on a GPU both are fast (fp16 needs the
-loss scaler below, bf16 does not, having float32's exponent range).
+Device choice. On a GPU use bf16 or fp16 (fp16 needs the loss scaler below; bf16 has float32's
+exponent range and needs none). On CPU, Jittor 1.3.11 has no good half path: its bf16 matmuls and
+convolutions are fast (a 512^3 product 0.03 s) but accumulate in bfloat16 (measured relative error
+5% at an inner dimension of 32, 21% at 144, 72% at 1024, against 0.3% for torch's bf16), and its fp16
+ones accumulate in float16 (0.5% at 1024) through a generic loop about 50x slower than float32. So
+`check_device` warns for both on CPU, and "no" stays the default; tests/test_precision.py holds the
+comparison with torch.autocast (fp16 within 5%, bf16 an expected failure on CPU).
 
 `GradScaler` is dynamic loss scaling (Micikevicius et al. 2018, "Mixed precision training"): the loss
 is multiplied by `scale` before the backward pass so small fp16 gradients do not flush to zero; the
@@ -36,10 +40,14 @@ from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
 from .._runtime import jt
+from ..models.modeling import to_model_dtype
 
 MODES = ("no", "bf16", "fp16")
 DTYPE = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}
 HALF = ("float16", "bfloat16")
+# A run stops (NonFiniteLoss) after this many non-finite steps in a row: by then the fp16 scale has
+# shrunk 2^25-fold, and a bf16 run is diverging, not overflowing once.
+MAX_CONSECUTIVE_SKIPS = 25
 
 
 def compute_dtype(mode: str) -> str:
@@ -50,11 +58,15 @@ def compute_dtype(mode: str) -> str:
 
 
 def check_device(mode: str, device: str, warn: Callable[[str], None] = print) -> str:
-    """Validate `mode` for `device` ("cpu" | "cuda"); warn when fp16 is asked for on a CPU."""
+    """Validate `mode` for `device` ("cpu" | "cuda"); warn when a half mode is asked for on a CPU."""
     compute_dtype(mode)
     if mode == "fp16" and device != "cuda":
-        warn("warning: mixed_precision fp16 on CPU runs Jittor's float16 matmuls as a generic loop (about "
-             "100x slower than bf16 through oneDNN); use mixed_precision = \"bf16\" on CPU")
+        warn("warning: mixed_precision fp16 on CPU: Jittor runs float16 matmuls as a generic loop (about 50x "
+             "slower than float32) accumulating in float16; prefer mixed_precision = \"no\" on CPU")
+    if mode == "bf16" and device != "cuda":
+        warn("warning: mixed_precision bf16 on CPU: Jittor 1.3.11's CPU bfloat16 matmuls and convolutions "
+             "accumulate in bfloat16 (relative error 20-70% at SD layer widths); use it to fit memory only, "
+             "prefer mixed_precision = \"no\" on CPU and bf16/fp16 on a GPU")
     return mode
 
 
@@ -64,12 +76,6 @@ def cast_frozen(models: Iterable, mode: str) -> None:
     for model in models:
         if model is not None and model.dtype != dtype:
             model.to_dtype(dtype)
-
-
-def to_model_dtype(x: "jt.Var", model) -> "jt.Var":
-    """A float input cast to the dtype of `model`'s weights (what its first conv / matmul needs)."""
-    dtype = model.dtype
-    return x.cast(dtype) if x.dtype != dtype and x.dtype.is_float() else x
 
 
 # ------------------------------------------------------------------------------ loss scaling
@@ -95,6 +101,10 @@ class GradScaler:
     def factor(self) -> float:
         """What the loss is multiplied by before the backward pass (1 when disabled)."""
         return self.scale if self.enabled else 1.0
+
+    def scale_loss(self, loss: "jt.Var") -> "jt.Var":
+        """The loss to differentiate: loss * scale (a power of two: exact) when enabled, else the loss itself."""
+        return loss * self.scale if self.enabled else loss
 
     def unscale(self, grads: Sequence["jt.Var"]) -> list:
         """Gradients of the scaled loss -> gradients of the loss (before clipping and the norm)."""
@@ -136,5 +146,5 @@ def all_finite(values: Iterable[float]) -> bool:
     return all(math.isfinite(v) for v in values)
 
 
-__all__ = ["MODES", "DTYPE", "HALF", "GradScaler", "all_finite", "cast_frozen", "check_device", "compute_dtype",
+__all__ = ["MODES", "DTYPE", "HALF", "MAX_CONSECUTIVE_SKIPS", "GradScaler", "all_finite", "cast_frozen", "check_device", "compute_dtype",
            "to_model_dtype"]

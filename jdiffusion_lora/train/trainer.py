@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .._runtime import jt
+from .._runtime import DEVICE, jt
 from ..pipelines import load_pipeline
 from ..weights import atomic_write_bytes, remove_stale_temp_files
 from . import adapters as ad
@@ -38,6 +38,7 @@ from .config import TrainConfig, to_toml
 from .data import ImageRecord, discover
 from .logging import MetricsLog, progress_bar
 from .objective import DenoisingLoss, NonFiniteLoss, check_model_fits, nonfinite_error, training_scheduler
+from . import precision
 from .optim import Optimizer, build_param_groups, clip_scale, describe_groups, global_grad_norm, schedule_for
 from .sampling import plot_loss, sample_images
 
@@ -80,6 +81,13 @@ class Trainer:
         self.prediction_type, self.noise_scheduler = training_scheduler(self.pipe, c)
         self.num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         check_model_fits(self.pipe, c, self.print)
+        precision.check_device(c.mixed_precision, DEVICE, self.print)
+        precision.cast_frozen((self.unet, self.text_encoder, self.vae), c.mixed_precision)
+        self.scaler = precision.GradScaler.for_mode(c.mixed_precision)   # fp16 loss scale; skipped steps
+        if c.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if c.text_encoder_targets:
+                self.text_encoder.enable_gradient_checkpointing()
 
         self.data = discover(c)
         self.records: List[ImageRecord] = self.data.records
@@ -183,16 +191,23 @@ class Trainer:
         for micro in range(k):
             samples = self.batches.micro_batch(step, micro)
             loss, _ = self.loss(samples)
-            grads = jt.grad(loss / k, self.params)
+            grads = jt.grad(self.scaler.scale_loss(loss / k), self.params)
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
             jt.sync(acc + [loss])
             value = float(loss.item())
-            if not math.isfinite(value):
+            if not math.isfinite(value) and c.mixed_precision == "no":
                 self.raise_nonfinite(step, f"loss is {value}", samples, acc)
             losses.append(value)
+        acc = self.scaler.unscale(acc)
         norm = global_grad_norm(acc)
-        if not math.isfinite(norm):
+        if not math.isfinite(norm) and c.mixed_precision == "no":
             self.raise_nonfinite(step, f"gradient norm is {norm}", samples, acc)
+        if not self.scaler.update(precision.all_finite(losses + [norm])):   # mixed precision: skip the step
+            if self.scaler.consecutive_skips > precision.MAX_CONSECUTIVE_SKIPS:
+                self.raise_nonfinite(step, f"{self.scaler.consecutive_skips} steps in a row were not finite",
+                                     samples, acc)
+            return {"loss": float(np.mean(losses)), "lr": c.learning_rate * scale, "grad_norm": norm,
+                    "skipped_steps": self.scaler.skipped_steps, "loss_scale": self.scaler.factor}
         clip = clip_scale(norm, c.max_grad_norm)
         if clip < 1.0:
             acc = [g * clip for g in acc]
@@ -202,7 +217,10 @@ class Trainer:
             for e, p in zip(self.ema, self.params):
                 e.update(e * d + p * (1.0 - d))
             jt.sync(self.ema)
-        return {"loss": float(np.mean(losses)), "lr": c.learning_rate * scale, "grad_norm": norm}
+        m = {"loss": float(np.mean(losses)), "lr": c.learning_rate * scale, "grad_norm": norm}
+        if c.mixed_precision != "no":
+            m.update(skipped_steps=self.scaler.skipped_steps, loss_scale=self.scaler.factor)
+        return m
 
     def raise_nonfinite(self, step: int, what: str, samples: Sequence[Sample], grads) -> None:
         """Stop, naming what is not finite (input, adapter weight, gradient, base weight)."""
