@@ -52,7 +52,9 @@ def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
                    help="accepted for diffusers parity; a no-op: attention already runs one (sample, head) at a time")
     m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     m.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
-    m.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32", help="fp16 on CUDA only")
+    m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="weights and activations; fp16 on CUDA only; bf16 on CPU saves memory but Jittor's CPU "
+                        "bf16 products are inexact (see train/precision.py)")
     r = p.add_argument_group("running")
     r.add_argument("--workers", default=default_workers,
                    help="worker processes: a number, or 'auto' (one per GPU, else 2 CPU processes)")

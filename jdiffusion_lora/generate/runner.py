@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -59,15 +60,19 @@ class GenerateSettings:
     attention_slicing: bool = False          # no-op: attention already runs one (sample, head) at a time
     vae_slicing: bool = False
     vae_tiling: bool = False
-    dtype: str = "fp32"                      # "fp32" | "fp16" (CUDA only)
+    dtype: str = "fp32"                      # "fp32" | "fp16" (CUDA only) | "bf16" (see train/precision.py)
 
     def check(self) -> None:
         if self.batch_mode not in ("exact", "batched"):
             raise ValueError(f"batch mode must be 'exact' or 'batched', got {self.batch_mode!r}")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch size and steps must be at least 1")
-        if self.dtype not in ("fp32", "fp16"):
-            raise ValueError(f"dtype must be fp32 or fp16, got {self.dtype!r}")
+        if self.dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
+        if self.dtype == "bf16":
+            from .._runtime import DEVICE
+            from ..train.precision import check_device
+            check_device("bf16", DEVICE, warn=lambda msg: warnings.warn(msg.replace("warning: ", "")))
         if self.dtype == "fp16":
             from .._runtime import DEVICE
             if DEVICE != "cuda":
@@ -123,7 +128,8 @@ def load_job_pipeline(settings: GenerateSettings):
     from ..pipelines import load_pipeline
 
     settings.check()
-    pipe = load_pipeline(settings.model, "float16" if settings.dtype == "fp16" else None, settings.scheduler)
+    pipe = load_pipeline(settings.model, {"fp16": "float16", "bf16": "bfloat16"}.get(settings.dtype),
+                         settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
     names = []
     for i, spec in enumerate(settings.loras):
