@@ -77,6 +77,7 @@ def test_checkpointed_backward_gives_the_plain_gradients(monkeypatch):
     assert_same(plain, ckpt)
 
 
+@pytest.mark.slow
 def test_recompute_replays_the_dropout_masks(monkeypatch):
     """Dropout masks come from a deterministic source that changes with every draw: the checkpointed
     gradients equal the plain ones only if the recomputation reuses the forward's masks."""
