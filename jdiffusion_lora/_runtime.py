@@ -10,6 +10,11 @@ let Jittor use the GPU. `device_report()` is the line every command prints first
 GPU that is visible but unusable gets a warning saying why.
 
 Override with `JDIFFUSION_DEVICE=cpu` or `JDIFFUSION_DEVICE=cuda`.
+
+Under `mpirun` (OpenMPI sets OMPI_COMM_WORLD_LOCAL_RANK) each process is bound to its share of the
+machine before Jittor starts: its own GPU through CUDA_VISIBLE_DEVICES (Jittor alone puts every rank
+on GPU 0, Jittor#437), or on CPU its share of the cores through OMP_NUM_THREADS. `JDIFFUSION_BIND=none`
+leaves both alone (then Jittor's NCCL set-up picks the GPU by local rank itself).
 """
 from __future__ import annotations
 
@@ -123,6 +128,39 @@ def gpu_available() -> bool:
     return _cuda_device_count() > 0
 
 
+def _node_gpus(environ=os.environ) -> list:
+    """GPU ids this process may use, without initialising CUDA: CUDA_VISIBLE_DEVICES or the driver's list."""
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    try:
+        return [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
+    except OSError:
+        return []
+
+
+def bind_local_rank(environ=os.environ) -> str:
+    """Under mpirun: give this rank its GPU (CUDA_VISIBLE_DEVICES) or its share of the CPU cores
+    (OMP_NUM_THREADS, unless set). Returns what was done, for messages; "" outside MPI.
+
+    Must run before CUDA is initialised and before Jittor (and its OpenMP runtime) loads."""
+    if "OMPI_COMM_WORLD_LOCAL_RANK" not in environ or environ.get("JDIFFUSION_BIND", "auto") == "none":
+        return ""
+    local = int(environ["OMPI_COMM_WORLD_LOCAL_RANK"])
+    local_size = max(1, int(environ.get("OMPI_COMM_WORLD_LOCAL_SIZE", "1")))
+    gpus = _node_gpus(environ) if environ.get("JDIFFUSION_DEVICE", "auto").lower() != "cpu" else []
+    if gpus:
+        environ["CUDA_VISIBLE_DEVICES"] = gpus[local % len(gpus)]
+        return f"GPU {gpus[local % len(gpus)]}"
+    if "OMP_NUM_THREADS" not in environ:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:
+            cores = os.cpu_count() or 1
+        environ["OMP_NUM_THREADS"] = str(max(1, cores // local_size))
+    return f"{environ['OMP_NUM_THREADS']} CPU thread(s)"
+
+
 def configure_environment() -> str:
     """Decide the device and set Jittor's environment variables; returns "cuda" or "cpu".
 
@@ -132,6 +170,7 @@ def configure_environment() -> str:
     wanted = os.environ.get("JDIFFUSION_DEVICE", "auto").lower()
     if wanted not in ("auto", "cpu", "cuda"):
         raise ValueError(f"JDIFFUSION_DEVICE must be auto, cpu or cuda, got {wanted!r}")
+    bind_local_rank()
     PROBE = probe_gpu() if wanted != "cpu" else GpuProbe([], None, None)
     device = "cuda" if wanted == "cuda" or (wanted == "auto" and PROBE.usable) else "cpu"
     if device == "cpu":

@@ -1,4 +1,7 @@
-"""Command line: `python -m jdiffusion_lora.cli <command> ...` (also installed as `jdiffusion-lora`)."""
+"""Command line: `python -m jdiffusion_lora.cli <command> ...` (also installed as `jdiffusion-lora`).
+
+Under `mpirun -np N` (train, generate) a rank that fails exits at once, so mpirun stops the others
+instead of leaving them waiting in a collective."""
 from __future__ import annotations
 
 import argparse
@@ -26,9 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from ..train import distributed as dist
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as e:
+        if dist.active():  # under mpirun: leave at once so that mpirun stops the other ranks too
+            dist.abort_on_error(str(e), 2)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception:
+        if not dist.active():
+            raise
+        import traceback
+        traceback.print_exc()
+        dist.abort_on_error("stopped by the exception above", 1)

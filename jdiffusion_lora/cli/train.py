@@ -36,24 +36,26 @@ def run(args) -> int:
         from ..train.dry_run import dry_run
         return dry_run(config)
 
+    from ..train import distributed as dist
     from ..train.checkpoint import CheckpointError
     from ..train.objective import NonFiniteLoss
     from ..train.trainer import Trainer
     try:
         result = Trainer(config).run()
-    except NonFiniteLoss as e:
+    except NonFiniteLoss as e:  # every rank learns of it in the same all-reduce and stops alike
         print(f"error: {e}", file=sys.stderr)
         return 3
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(str(e), 2)
     except OSError as e:
         if isinstance(e, FileNotFoundError):
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 4
+        return fail(str(e), 4)
+    if not dist.is_writer():  # under mpirun rank 0 reports and compares
+        return 128 + int(result.signal or signal.SIGINT) if result.stopped == "signal" else 0
     print()
-    print(f"trained {result.step} step(s); last loss {result.last_loss:.4f}")
+    print(f"trained {result.step} step(s); last loss {result.last_loss:.4f}"
+          + (f" ({dist.world_size()} ranks)" if dist.active() else ""))
     for path in result.lora_files:
         print(f"  LoRA:        {path}")
     if result.checkpoint:
@@ -71,6 +73,15 @@ def run(args) -> int:
         print()
         run_before_after(config, result.lora_files)
     return 0
+
+
+def fail(message: str, code: int) -> int:
+    """Print an error; under mpirun leave at once (this rank alone failed: mpirun then stops the others)."""
+    from ..train import distributed as dist
+    if dist.active():
+        dist.abort_on_error(message, code)
+    print(f"error: {message}", file=sys.stderr)
+    return code
 
 
 def main(argv=None) -> int:

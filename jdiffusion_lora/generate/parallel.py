@@ -10,6 +10,9 @@ a function of its own seed and text only (see runner.py), the files are the same
 single-process run's.
 
 The main process draws one progress bar for all workers and writes `manifest.json` at the end.
+
+Under `mpirun -np N` (`mpirun -np N python infer.py ...`) each rank is one worker: rank r makes items
+r, r+N, r+2N, ... of the plan, and rank 0 writes `manifest.json` once every rank is done.
 """
 from __future__ import annotations
 
@@ -58,6 +61,9 @@ def run_job(items: Sequence[Item], settings: GenerateSettings, out_dir: str, wor
             overwrite: bool = False, progress: bool = True) -> JobResult:
     """Generate every item not already done under `out_dir`, with `workers` processes (1 = in this process)."""
     settings.check()
+    from ..train import distributed as dist
+    if dist.active():
+        return _run_mpi_shard(items, settings, out_dir, overwrite, progress)
     remove_stale_temp_files(out_dir)   # what a killed run's atomic writes left behind (workers start after)
     t0 = time.time()
     job = job_description(settings)
@@ -80,6 +86,42 @@ def run_job(items: Sequence[Item], settings: GenerateSettings, out_dir: str, wor
     return JobResult(total=len(items), skipped=done_before, generated=generated,
                      missing=[r for r in relpaths if r not in images], workers=workers,
                      seconds=time.time() - t0, manifest=os.path.join(out_dir, "manifest.json"))
+
+
+def _run_mpi_shard(items: Sequence[Item], settings: GenerateSettings, out_dir: str, overwrite: bool,
+                   progress: bool) -> JobResult:
+    """This rank's share of the items (every N-th); rank 0 writes the manifest after all ranks finish."""
+    import numpy as np
+    from ..train import distributed as dist
+    t0 = time.time()
+    rank, world = dist.rank(), dist.world_size()
+    job = job_description(settings)
+    if dist.is_writer():
+        remove_stale_temp_files(out_dir)
+    dist.barrier("waiting for rank 0 to clear stale temporary files", timeout=0)
+    mine = list(items[rank::world])
+    todo = pending_items(mine, out_dir, job, overwrite)
+    generated = 0
+    if todo:
+        bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generating (rank {rank}/{world})",
+                   unit="img", disable=not progress or rank != 0)
+        try:
+            generated = generate_items(load_pipeline(settings), todo, settings, out_dir, job, worker=f"rank{rank}",
+                                       on_done=lambda it: bar.update(1))
+        finally:
+            bar.close()
+    # No time limit: the ranks' shares can take very different times (a dead rank stops the job anyway).
+    counts = dist.all_sum(np.array([len(mine) - len(todo), generated], np.int32), "waiting for every rank's "
+                          "images", timeout=0)
+    relpaths = [it.relpath for it in items]
+    manifest = os.path.join(out_dir, "manifest.json")
+    if dist.is_writer():
+        images = write_manifest(out_dir, {it.relpath: fingerprint(job, it.to_dict()) for it in items}, job)
+    else:
+        images = {r for r in relpaths if os.path.isfile(os.path.join(out_dir, r))}
+    return JobResult(total=len(items), skipped=int(counts[0]), generated=int(counts[1]),
+                     missing=[r for r in relpaths if r not in images], workers=world,
+                     seconds=time.time() - t0, manifest=manifest)
 
 
 # ----------------------------------------------------------------------------- workers

@@ -13,6 +13,7 @@ Modules, one job each:
     checkpoint  atomic checkpoints, the LoRA files, resume
     sampling    sample images during training, their scores, the loss curve
     logging     JSONL, TensorBoard (tfevents), progress bar, loss curve, image grids
+    distributed data parallel on Jittor's MPI: batch split, one all-reduce per step, one writer
     trainer     the training loop (start here)
     dry_run     --dry-run
 

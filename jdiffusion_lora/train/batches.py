@@ -22,6 +22,7 @@ import numpy as np
 from .._runtime import jt
 from ..models.modeling import to_model_dtype
 from ..image_files import list_images, save_png
+from . import distributed as dist
 from .cache import LatentCache, latent_key, sample_latent, vae_fingerprint
 from .captions import CaptionOptions, caption_parts, render_caption, split_tags
 from .data import (STREAM_CLASS, STREAM_DATA, STREAM_NOISE, STREAM_VAE, STREAM_VALIDATION, DataError,
@@ -95,12 +96,15 @@ class SampleBuilder:
         self.vae_id = vae_fingerprint(vae, c.base_model)
         self.scaling_factor = float(vae.config.scaling_factor)
         self.num_train_timesteps = num_train_timesteps
-        self.latent_cache = LatentCache(c.cache_latents, c.cache_dir or os.path.join(c.output_dir, "cache"))
+        self.latent_cache = LatentCache(c.cache_latents, c.cache_dir or os.path.join(c.output_dir, "cache"),
+                                        read_only=not dist.is_writer())
+        # data parallel: this rank does micro-batches rank*accum .. rank*accum+accum-1 of each step's global batch
+        self.world, self.rank, self.accum = 1, 0, c.gradient_accumulation_steps
 
     def micro_batch(self, step: int, micro: int) -> List[Sample]:
         """The samples of micro-batch `micro` of optimizer step `step` (plus as many class samples)."""
         c = self.c
-        first = (step * c.gradient_accumulation_steps + micro) * c.train_batch_size
+        first = ((step * self.world + self.rank) * self.accum + micro) * c.train_batch_size
         samples = [self.instance(first + j, step) for j in range(c.train_batch_size)]
         if c.with_prior_preservation:
             samples += [self.class_sample(first + j) for j in range(c.train_batch_size)]
@@ -182,8 +186,12 @@ class SampleBuilder:
         return out.astype(np.float32)
 
     def precache(self) -> None:
-        """Encode, `vae_batch_size` at a time, every (image, flip) whose crop is fixed (no random choice)."""
+        """Encode, `vae_batch_size` at a time, every (image, flip) whose crop is fixed (no random choice).
+        Under mpirun a disk cache is filled by rank 0 alone; the other ranks wait, then read it."""
         c = self.c
+        shared = c.cache_latents == "disk" and dist.active()
+        if shared and not dist.is_writer():
+            return dist.barrier("waiting for rank 0's latent cache", timeout=0)
         todo = []
         for rec in self.records:
             w, h = resized_size(rec.size[0], rec.size[1], c.resolution)
@@ -200,13 +208,15 @@ class SampleBuilder:
             batch = np.stack([pixels(load_rgb(p, c.alpha_background), c.resolution, b, f) for _, p, b, f in chunk])
             for (key, *_), moments in zip(chunk, self.encode_pixels(batch)):
                 self.latent_cache.put(key, moments)
+        if shared:
+            dist.barrier("waiting for rank 0's latent cache", timeout=0)
 
 
 def prepare_class_images(c, pipe, printer: Callable[[str], None] = print) -> List[str]:
     """The class images for prior preservation; generated with the base model when too few."""
     have = list_images(c.class_data_dir)
     need = max(0, c.num_class_images - len(have))
-    if need:
+    if need and dist.is_writer():   # under mpirun rank 0 makes them, the others wait
         printer(f"prior preservation: generating {need} class image(s) of {c.class_prompt!r} "
                 f"into {c.class_data_dir}")
         os.makedirs(c.class_data_dir, exist_ok=True)
@@ -216,6 +226,8 @@ def prepare_class_images(c, pipe, printer: Callable[[str], None] = print) -> Lis
             image = pipe(c.class_prompt, num_inference_steps=c.class_sample_steps, seed=seed,
                          height=c.resolution, width=c.resolution).images[0]
             save_png(image, os.path.join(c.class_data_dir, f"class_{seed:06d}.png"))
+    if need:
+        dist.barrier("waiting for rank 0's class images", timeout=0)
         have = list_images(c.class_data_dir)
     if not have:
         raise DataError(f"prior preservation: no class images in {c.class_data_dir} and num_class_images is 0")

@@ -56,14 +56,16 @@ def latent_key(path: str, resolution: int, box: Tuple[int, int], flip: bool, vae
 
 
 class LatentCache:
-    """mode: "none" (always encode), "memory", or "disk" (memory in front of `folder`)."""
+    """mode: "none" (always encode), "memory", or "disk" (memory in front of `folder`).
 
-    def __init__(self, mode: str, folder: Optional[str] = None):
+    `read_only`: use the disk entries but never write them (data-parallel ranks other than rank 0)."""
+
+    def __init__(self, mode: str, folder: Optional[str] = None, read_only: bool = False):
         if mode not in ("none", "memory", "disk"):
             raise ValueError(f"cache mode must be none, memory or disk, got {mode!r}")
         if mode == "disk" and not folder:
             raise ValueError("a disk cache needs a folder")
-        self.mode, self.folder = mode, folder
+        self.mode, self.folder, self.read_only = mode, folder, read_only
         self.memory: Dict[str, np.ndarray] = {}
         self.hits = self.misses = 0
 
@@ -94,7 +96,7 @@ class LatentCache:
         if self.mode == "none":
             return
         self.memory[key] = moments
-        if self.mode == "disk":
+        if self.mode == "disk" and not self.read_only:
             buf = io.BytesIO()
             np.save(buf, moments, allow_pickle=False)
             atomic_write_bytes(self._path(key), [buf.getvalue()])

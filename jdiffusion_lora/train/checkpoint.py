@@ -33,6 +33,7 @@ import numpy as np
 from .._runtime import jt
 from ..weights import WeightsError, apply_umask, atomic_write_bytes, read_safetensors, save_safetensors
 from . import adapters as ad
+from . import distributed as dist
 from .config import as_dict
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
             extra[f"ga.{name}.up"] = b0
             extra[f"ga.{name}.down"] = a0
         state = {"format": 1, "step": step, "optimizer_steps": t.optimizer.step_count,
-                 "samples_seen": step * c.train_batch_size * c.gradient_accumulation_steps,
+                 "samples_seen": step * t.global_batch, "global_batch_size": t.global_batch, "world_size": t.world,
                  "rng": {"scheme": "per-sample numpy streams from (seed, sample index); jittor reseeded per step",
                          "seed": c.seed},
                  "prediction_type": t.prediction_type, "config": as_dict(c), "grad_scaler": t.scaler.state_dict()}
@@ -313,8 +314,8 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
                       f"half-written was kept, the latest checkpoint is {last or 'none'}") from None
 
 
-RESUME_MUST_MATCH = ("seed", "rank", "pack_rank", "unet_targets", "text_encoder_targets", "optimizer",
-                     "train_batch_size", "gradient_accumulation_steps", "lora_init")
+# The batch split may change (train_batch_size, accumulation, world size): the global batch is kept instead.
+RESUME_MUST_MATCH = ("seed", "rank", "pack_rank", "unet_targets", "text_encoder_targets", "optimizer", "lora_init")
 
 
 def restore(t: "Trainer", checkpoint: str) -> None:
@@ -326,6 +327,7 @@ def restore(t: "Trainer", checkpoint: str) -> None:
     if changed:
         raise ValueError(f"cannot resume from {checkpoint}: these options differ from the checkpoint's: "
                          + "; ".join(changed))
+    adopt_global_batch(t, checkpoint, state)
     if state.get("prediction_type", t.prediction_type) != t.prediction_type:
         raise ValueError(f"cannot resume: the checkpoint trained {state['prediction_type']}, "
                          f"this run {t.prediction_type}")
@@ -349,6 +351,22 @@ def restore(t: "Trainer", checkpoint: str) -> None:
     t.print(f"resumed from {checkpoint} at step {t.start_step}")
 
 
+def adopt_global_batch(t: "Trainer", checkpoint: str, state: dict) -> None:
+    """A checkpoint resumes under any world size with the same data order: the same global batch (its
+    samples are numbered step * global batch + ...), whatever its split into ranks x accumulation."""
+    c, old = t.c, state.get("config", {})
+    saved = int(state.get("global_batch_size") or
+                old.get("train_batch_size", 1) * old.get("gradient_accumulation_steps", 1))
+    if saved == t.global_batch:
+        return
+    if c.global_batch_size:
+        raise ValueError(f"cannot resume from {checkpoint}: it trained with a global batch of {saved}, this run "
+                         f"asks for global_batch_size {c.global_batch_size}")
+    t.set_batch_split(saved)
+    t.print(f"resume: keeping the checkpoint's global batch of {saved} = {t.world} rank(s) x "
+            f"train_batch_size {c.train_batch_size} x {t.batches.accum} accumulation step(s)")
+
+
 def clear_old_checkpoints(c, printer: Callable[[str], None] = print) -> None:
     """A fresh run never mixes its checkpoints with an earlier run's: refuse, or delete them (`overwrite`)."""
     old = latest_checkpoint(c.output_dir)
@@ -358,5 +376,6 @@ def clear_old_checkpoints(c, printer: Callable[[str], None] = print) -> None:
         raise ValueError(f"{c.output_dir} already holds checkpoints of an earlier run (latest: {old}); "
                          f"continue it with --resume latest, or pass --overwrite to start again, "
                          f"or choose another --output-dir")
-    shutil.rmtree(checkpoint_root(c.output_dir))
+    if dist.is_writer():   # under mpirun only rank 0 deletes
+        shutil.rmtree(checkpoint_root(c.output_dir))
     printer(f"overwrite: deleted the earlier run's checkpoints in {c.output_dir}")

@@ -122,6 +122,10 @@ class TrainConfig:
     lr_power: float = 1.0
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
+    # Data parallel (mpirun -np N): 0 = the global batch is train_batch_size x accumulation x N; else it is
+    # fixed and each rank's accumulation follows, so one config trains the same under any N (train/distributed.py).
+    global_batch_size: int = 0
+    allreduce_dtype: str = "float32"      # float32 | float16 (GPUs: half the bytes of the gradient all-reduce)
     max_grad_norm: float = 1.0            # 0 = no clipping
     gradient_checkpointing: bool = False  # recompute each UNet (and trained text-encoder) block in the backward
     mixed_precision: str = "no"           # no | bf16 | fp16: frozen weights in half; LoRA, optimizer, loss in fp32
@@ -177,6 +181,7 @@ CHOICES: Dict[str, tuple] = {
     "save_dtype": ("fp32", "fp16", "bf16"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "prediction_type": ("", "epsilon", "v_prediction"),
+    "allreduce_dtype": ("float32", "float16"),
 }
 
 
@@ -233,6 +238,7 @@ RANGES: Dict[str, Range] = {
     "adam_beta2": BELOW_1, "adam_epsilon": POSITIVE, "weight_decay": AT_LEAST_0, "momentum": BELOW_1,
     "loraplus_ratio": AT_LEAST_0, "lr_warmup_steps": AT_LEAST_0, "lr_num_cycles": AT_LEAST_1, "lr_power": POSITIVE,
     "train_batch_size": AT_LEAST_1, "gradient_accumulation_steps": AT_LEAST_1, "max_grad_norm": AT_LEAST_0,
+    "global_batch_size": AT_LEAST_0,
     "ema_decay": BELOW_1, "save_every": AT_LEAST_0, "keep_last": AT_LEAST_0, "log_every": AT_LEAST_1,
     "sample_every": AT_LEAST_0, "sample_seed": SEED_RANGE, "sample_steps": AT_LEAST_1, "sample_guidance": GUIDANCE,
     "before_after_prompts": AT_LEAST_0, "validation_every": AT_LEAST_0, "validation_seed": SEED_RANGE,

@@ -18,12 +18,17 @@ class MetricsLog:
     """`metrics.jsonl` (one object per logged step) and, optionally, a TensorBoard event file.
 
     Resuming at step s drops the JSONL lines after s, so the file always describes one run.
+    `write=False` keeps the records in memory only (data-parallel ranks other than rank 0).
     """
 
-    def __init__(self, folder: str, tensorboard: bool = True, resume_step: Optional[int] = None):
-        os.makedirs(folder, exist_ok=True)
+    def __init__(self, folder: str, tensorboard: bool = True, resume_step: Optional[int] = None,
+                 write: bool = True):
         self.path = os.path.join(folder, "metrics.jsonl")
         self.records: List[dict] = []
+        self._f, self.tb = None, None
+        if not write:
+            return
+        os.makedirs(folder, exist_ok=True)
         if resume_step is not None and os.path.isfile(self.path):
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
@@ -42,8 +47,9 @@ class MetricsLog:
     def log(self, step: int, values: Dict[str, float]) -> None:
         rec = {"step": int(step), **{k: float(v) for k, v in values.items()}}
         self.records.append(rec)
-        self._f.write(json.dumps(rec) + "\n")
-        self._f.flush()
+        if self._f is not None:
+            self._f.write(json.dumps(rec) + "\n")
+            self._f.flush()
         if self.tb is not None:
             self.tb.add_scalars(step, {f"train/{k}" if "/" not in k else k: v for k, v in values.items()})
 
@@ -55,7 +61,8 @@ class MetricsLog:
         return [(r["step"], r[key]) for r in self.records if key in r]
 
     def close(self) -> None:
-        self._f.close()
+        if self._f is not None:
+            self._f.close()
         if self.tb is not None:
             self.tb.close()
 

@@ -7,6 +7,10 @@ generator (LoRA dropout) is re-seeded from (seed, s) at every step. So a sample 
 the batch it falls in, k micro-batches of 1 equal one batch of k, and a resumed run repeats the
 uninterrupted one bit for bit (CPU).
 
+Under `mpirun -np N` (distributed.py) rank r does micro-batches r*k .. r*k+k-1 of each step's global
+batch, the gradients meet in one all-reduce per step, and only rank 0 writes files: N ranks reproduce
+one process with the same global batch.
+
     trainer = Trainer(config)          # config: TrainConfig
     result = trainer.run()             # -> TrainResult (paths, final loss, stop reason)
 
@@ -30,11 +34,12 @@ from .._runtime import DEVICE, jt
 from ..pipelines import load_pipeline
 from ..weights import atomic_write_bytes, remove_stale_temp_files
 from . import adapters as ad
+from . import distributed as dist
 from .batches import Sample, SampleBuilder, prepare_class_images
 from .cache import TextCache
 from .checkpoint import (clear_old_checkpoints, latest_checkpoint, resolve_resume, restore, save_checkpoint,
                          write_final_lora)
-from .config import TrainConfig, to_toml
+from .config import TrainConfig, as_dict, to_toml
 from .data import ImageRecord, discover
 from .logging import MetricsLog, progress_bar
 from .objective import DenoisingLoss, NonFiniteLoss, check_model_fits, nonfinite_error, training_scheduler
@@ -56,18 +61,21 @@ class TrainResult:
     signal: Optional[int] = None        # the signal that stopped the run
 
 
-def step_seed(seed: int, step: int) -> int:
-    """Seed of Jittor's generator at optimizer step `step` (LoRA dropout)."""
-    return int(np.random.SeedSequence([int(seed), int(step), 7]).generate_state(1)[0] % (2 ** 31 - 1))
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    """Seed of Jittor's generator for micro-batch `micro` (counted over all ranks) of optimizer step `step`
+    (LoRA dropout)."""
+    key = [int(seed), int(step), 7] + ([int(micro)] if micro else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0] % (2 ** 31 - 1))
 
 
 class Trainer:
     def __init__(self, config: TrainConfig, pipeline=None, printer: Callable[[str], None] = print):
         self.c = config
         self.pipe = pipeline
-        self.print = printer
+        self.print = printer if dist.is_writer() else (lambda *a, **k: None)  # rank 0 speaks for all ranks
         self.ready = False
         self._stop_signal: Optional[int] = None
+        self.stop_agreed = False  # under MPI: some rank was signalled before this step's all-reduce
         self.scorer = None  # the local scorer, built on the first sample round that is scored
 
     def setup(self) -> None:
@@ -97,6 +105,8 @@ class Trainer:
         self.batches = SampleBuilder(c, self.data, self.vae, self.num_train_timesteps, class_images)
         self.order, self.caption_options = self.batches.order, self.batches.caption_options
         self.latent_cache = self.batches.latent_cache
+        self.world = dist.world_size()
+        self.set_batch_split(c.global_batch_size)
 
         models = {"unet": self.unet, "text_encoder": self.text_encoder}
         self.n_styles = len(self.data.styles)
@@ -116,6 +126,8 @@ class Trainer:
         self.start_step = 0
 
         resume_from = resolve_resume(c.resume, c.output_dir)
+        dist.check_same_config({**as_dict(c), "images": [(r.path, list(r.size)) for r in self.records],
+                                "resume_from": os.path.basename(resume_from or "")})
         if resume_from:
             restore(self, resume_from)
         else:
@@ -130,6 +142,7 @@ class Trainer:
                            f"{c.lora_ga_batches} batch(es)")
             if c.ema_decay > 0:
                 self.ema = [jt.array(p.numpy()) for p in self.params]
+        dist.broadcast_params(self.params)
         self.train_mode()
         self.vae.eval()
         if c.cache_latents != "none":
@@ -141,11 +154,12 @@ class Trainer:
         """Train to `max_train_steps` (or stop early at step `until`, saving a checkpoint there)."""
         c = self.c
         self.setup()
+        writer = dist.is_writer()  # rank 0 alone writes output_dir; the other ranks train and read
         self.open_logs()
         end = min(until, c.max_train_steps) if until else c.max_train_steps
         result = TrainResult(step=self.start_step, stopped="done", output_dir=c.output_dir)
         step, t0 = self.start_step, time.time()
-        with contextlib.closing(self.metrics), progress_bar(c.progress_bar, c.max_train_steps, step) as bar, \
+        with contextlib.closing(self.metrics), progress_bar(c.progress_bar and writer, c.max_train_steps, step) as bar, \
                 self.stop_on_signals():
             while step < end:
                 m = self.train_step(step)
@@ -154,7 +168,7 @@ class Trainer:
                 rate = (step - self.start_step) / max(1e-9, time.time() - t0)
                 if step % c.log_every == 0 or step == end:
                     self.metrics.log(step, {**m, "it_per_s": rate})
-                if c.validation_every and self.data.validation and step % c.validation_every == 0:
+                if c.validation_every and self.data.validation and step % c.validation_every == 0 and writer:
                     self.metrics.log(step, {"val/loss": self.validation_loss()})
                 if bar is not None:
                     bar.update(1)
@@ -162,19 +176,21 @@ class Trainer:
                 if callback is not None:
                     callback(step, m)
                 if c.sample_every and step % c.sample_every == 0:
-                    result.samples.append(sample_images(self, step))
-                stop = self._stop_signal is not None
-                if step == end or stop or (c.save_every and step % c.save_every == 0):
+                    if writer:
+                        result.samples.append(sample_images(self, step))
+                    dist.barrier(f"waiting for rank 0's samples of step {step}", timeout=0)  # no time limit
+                stop = self.should_stop()
+                if (step == end or stop or (c.save_every and step % c.save_every == 0)) and writer:
                     result.checkpoint = save_checkpoint(self, step)
                     result.loss_curve = plot_loss(self)
                 if stop:
-                    result.stopped, result.signal = "signal", int(self._stop_signal)
+                    result.stopped, result.signal = "signal", int(self._stop_signal or signal.SIGTERM)
                     self.print(f"\nstopped by signal {self._stop_signal} at step {step}; resumable checkpoint "
                                f"{result.checkpoint} (run again with --resume latest)")
                     break
             if result.stopped == "done" and step < c.max_train_steps:
                 result.stopped = "until"
-            if step >= c.max_train_steps:
+            if step >= c.max_train_steps and writer:
                 result.lora_files = write_final_lora(self)
                 result.checkpoint = result.checkpoint or latest_checkpoint(c.output_dir)
                 result.loss_curve = plot_loss(self)
@@ -183,30 +199,38 @@ class Trainer:
     def train_step(self, step: int) -> Dict[str, float]:
         """Optimizer step `step` (0-based). Returns its metrics."""
         c = self.c
-        k = c.gradient_accumulation_steps
+        k, rank = self.batches.accum, self.batches.rank
         scale = self.schedule(step)
         self.optimizer.set_lr_scale(scale)
-        jt.set_global_seed(step_seed(c.seed, step))
-        acc, losses = None, []
+        acc, losses, bad = None, [], None
         for micro in range(k):
+            jt.set_global_seed(step_seed(c.seed, step, rank * k + micro), different_seed_for_mpi=False)
             samples = self.batches.micro_batch(step, micro)
             loss, _ = self.loss(samples)
             grads = jt.grad(self.scaler.scale_loss(loss / k), self.params)
             acc = grads if acc is None else [a + g for a, g in zip(acc, grads)]
             jt.sync(acc + [loss])
-            value = float(loss.item())
-            if not math.isfinite(value) and c.mixed_precision == "no":
-                self.raise_nonfinite(step, f"loss is {value}", samples, acc)
-            losses.append(value)
+            losses.append(float(loss.item()))
+            if not math.isfinite(losses[-1]) and c.mixed_precision == "no":
+                bad = f"loss is {losses[-1]}"
+                break
         acc = self.scaler.unscale(acc)
+        # one all-reduce over the ranks (nothing in one process): mean gradient and loss, NaN and stop flags
+        red = dist.reduce_step(acc, losses, bad is not None, self._stop_signal is not None, step, c.allreduce_dtype)
+        if red.bad_ranks:
+            if bad is None:
+                raise NonFiniteLoss(f"step {step + 1}: rank(s) {red.bad_ranks} met a non-finite loss (their message "
+                                    f"names the module); every rank stopped without saving")
+            self.raise_nonfinite(step, bad, samples, acc)
+        acc, self.stop_agreed = red.grads, red.stop
         norm = global_grad_norm(acc)
         if not math.isfinite(norm) and c.mixed_precision == "no":
             self.raise_nonfinite(step, f"gradient norm is {norm}", samples, acc)
-        if not self.scaler.update(precision.all_finite(losses + [norm])):   # mixed precision: skip the step
+        if not self.scaler.update(precision.all_finite([red.loss, norm])):   # mixed precision: skip the step
             if self.scaler.consecutive_skips > precision.MAX_CONSECUTIVE_SKIPS:
                 self.raise_nonfinite(step, f"{self.scaler.consecutive_skips} steps in a row were not finite",
                                      samples, acc)
-            return {"loss": float(np.mean(losses)), "lr": c.learning_rate * scale, "grad_norm": norm,
+            return {"loss": red.loss, "lr": c.learning_rate * scale, "grad_norm": norm,
                     "skipped_steps": self.scaler.skipped_steps, "loss_scale": self.scaler.factor}
         clip = clip_scale(norm, c.max_grad_norm)
         if clip < 1.0:
@@ -217,14 +241,24 @@ class Trainer:
             for e, p in zip(self.ema, self.params):
                 e.update(e * d + p * (1.0 - d))
             jt.sync(self.ema)
-        m = {"loss": float(np.mean(losses)), "lr": c.learning_rate * scale, "grad_norm": norm}
+        m = {"loss": red.loss, "lr": c.learning_rate * scale, "grad_norm": norm}
         if c.mixed_precision != "no":
             m.update(skipped_steps=self.scaler.skipped_steps, loss_scale=self.scaler.factor)
+        if dist.active():
+            m["allreduce_s"] = red.seconds
         return m
+
+    def set_batch_split(self, global_batch_size: int) -> None:
+        """This rank's share of each step: accumulation steps per rank from the global batch (0: B x k x world)."""
+        c = self.c
+        accum, self.global_batch = dist.split_batch(c.train_batch_size, c.gradient_accumulation_steps,
+                                                    global_batch_size, self.world)
+        self.batches.world, self.batches.rank, self.batches.accum = self.world, dist.rank(), accum
 
     def raise_nonfinite(self, step: int, what: str, samples: Sequence[Sample], grads) -> None:
         """Stop, naming what is not finite (input, adapter weight, gradient, base weight)."""
         models = {"unet": self.unet, "text_encoder": self.text_encoder}
+        what += f" on rank {dist.rank()} of {self.world}" if dist.active() else ""
         raise nonfinite_error(step, what, samples, self.pairs, self.param_names, grads, models,
                               latest_checkpoint(self.c.output_dir))
 
@@ -250,15 +284,18 @@ class Trainer:
     def open_logs(self) -> None:
         """config.toml and the metrics log in output_dir; print what is trained."""
         c = self.c
-        os.makedirs(c.output_dir, exist_ok=True)
-        remove_stale_temp_files(c.output_dir)   # what a killed run's atomic writes left behind
-        atomic_write_bytes(os.path.join(c.output_dir, "config.toml"), [to_toml(c).encode()])
-        self.metrics = MetricsLog(c.output_dir, c.tensorboard, resume_step=self.start_step if self.start_step else None)
+        if dist.is_writer():
+            os.makedirs(c.output_dir, exist_ok=True)
+            remove_stale_temp_files(c.output_dir)   # what a killed run's atomic writes left behind
+            atomic_write_bytes(os.path.join(c.output_dir, "config.toml"), [to_toml(c).encode()])
+        self.metrics = MetricsLog(c.output_dir, c.tensorboard, resume_step=self.start_step if self.start_step else None,
+                                  write=dist.is_writer())
         self.print(f"training {len(self.records)} image(s) of {self.n_styles} style(s) "
                    f"({', '.join(s.trigger or s.name for s in self.data.styles)}); LoRA rank "
                    f"{ad.total_rank(c, self.n_styles)} on {len(self.pairs)} layers, "
                    f"{sum(int(np.prod(p.shape)) for p in self.params):,} parameters; {self.prediction_type}; "
-                   f"steps {self.start_step} -> {c.max_train_steps}")
+                   f"steps {self.start_step} -> {c.max_train_steps}; global batch {self.global_batch}"
+                   + (f" over {self.world} ranks" if self.world > 1 else ""))
         self.print("parameter groups:\n" + describe_groups(self.groups))
 
     def train_mode(self) -> None:
@@ -283,6 +320,10 @@ class Trainer:
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Stop after the current step, saving a resumable checkpoint (what SIGINT/SIGTERM do)."""
         self._stop_signal = signum
+
+    def should_stop(self) -> bool:
+        """Stop after this step? Under MPI every rank decides alike, from the step's all-reduce."""
+        return self.stop_agreed if self.world > 1 else self._stop_signal is not None
 
     @contextlib.contextmanager
     def stop_on_signals(self):
