@@ -106,7 +106,7 @@ def _run_mpi_shard(items: Sequence[Item], settings: GenerateSettings, out_dir: s
         bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"generating (rank {rank}/{world})",
                    unit="img", disable=not progress or rank != 0)
         try:
-            generated = generate_items(load_pipeline(settings), todo, settings, out_dir, job, worker=f"rank{rank}",
+            generated = generate_items(load_job_pipeline(settings), todo, settings, out_dir, job, worker=f"rank{rank}",
                                        on_done=lambda it: bar.update(1))
         finally:
             bar.close()
