@@ -3,8 +3,8 @@
 One optimizer step s uses `gradient_accumulation_steps` micro-batches of `train_batch_size`
 samples. Sample i (a global counter, s * batch * accumulation + ...) owns its random streams
 (`batches.py`): its image, crop, flip, caption, VAE posterior draw, timestep and noise. Jittor's own
-generator (LoRA dropout) is re-seeded from (seed, s) at every step. So a sample does not depend on
-the batch it falls in, k micro-batches of 1 equal one batch of k, and a resumed run repeats the
+generator (LoRA dropout) is re-seeded from (seed, s, micro-batch) at every micro-batch. So a sample
+does not depend on the batch it falls in, k micro-batches of 1 equal one batch of k, and a resumed run repeats the
 uninterrupted one bit for bit (CPU).
 
 Under `mpirun -np N` (distributed.py) rank r does micro-batches r*k .. r*k+k-1 of each step's global
