@@ -10,12 +10,13 @@ from .models.autoencoder_kl import AutoencoderKL  # noqa: E402
 from .models.clip import CLIPTextModel  # noqa: E402
 from .models.clip_tokenizer import CLIPTokenizer  # noqa: E402
 from .models.unet_2d_condition import UNet2DConditionModel  # noqa: E402
+from .pipelines.img2img import StableDiffusionImg2ImgPipeline  # noqa: E402
 from .pipelines.stable_diffusion import StableDiffusionPipeline  # noqa: E402
 from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                          EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
 
 __all__ = [
     "DEVICE", "jt", "AutoencoderKL", "CLIPTextModel", "CLIPTokenizer", "UNet2DConditionModel",
-    "StableDiffusionPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "PNDMScheduler",
 ]

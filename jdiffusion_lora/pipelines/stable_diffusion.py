@@ -218,10 +218,23 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     # ------------------------------------------------------------------ sampling
 
-    def __call__(self, prompt: PromptArg, negative_prompt: Optional[PromptArg] = None, height: Optional[int] = None,
-                 width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
-                 num_images_per_prompt: int = 1, seed=None, generator=None, latents=None, eta: float = 0.0,
-                 output_type: str = "pil", clip_skip: Optional[int] = None, callback=None) -> StableDiffusionOutput:
+    @property
+    def components(self) -> dict:
+        """The five models by name, as diffusers' `pipe.components`: `OtherPipeline(**pipe.components)`
+        shares them (no copy)."""
+        return dict(vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+                    scheduler=self.scheduler)
+
+    @classmethod
+    def from_pipe(cls, pipe: "StableDiffusionPipeline") -> "StableDiffusionPipeline":
+        """A pipeline of this class on the same models (diffusers' `from_pipe`), e.g. img2img from txt2img."""
+        new = cls(**pipe.components)
+        new.progress_bar_disabled = pipe.progress_bar_disabled
+        return new
+
+    def _check_call(self, prompt: PromptArg, negative_prompt: Optional[PromptArg], num_images_per_prompt: int,
+                    output_type: str) -> (List[str], List[str]):
+        """Validated (prompts, negatives), one entry per image, ordered prompt by prompt: p0, p0, ..., p1, ..."""
         prompts = _as_list(prompt)
         if negative_prompt is None:
             negatives = [""] * len(prompts)
@@ -233,39 +246,42 @@ class StableDiffusionPipeline(LoraLoaderMixin):
                 raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         if output_type not in ("pil", "np", "latent"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        # Images are ordered prompt by prompt: p0, p0, ..., p1, p1, ...
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         negatives = [n for n in negatives for _ in range(num_images_per_prompt)]
-        batch = len(prompts)
+        return prompts, negatives
+
+    def _image_size(self, height: Optional[int], width: Optional[int]) -> (int, int):
         scale = self.vae_scale_factor
         height = height or self.unet.config.sample_size * scale
         width = width or self.unet.config.sample_size * scale
         if height % scale or width % scale:
             raise ValueError(f"height and width must be multiples of {scale}, got {height}x{width}")
+        return height, width
+
+    def _guidance_context(self, prompts: List[str], negatives: List[str], guidance_scale: float,
+                          clip_skip: Optional[int]) -> "jt.Var":
+        """(B, 77, D) text states, or (2B, 77, D) [negatives; prompts] when guidance is on (scale > 1)."""
+        context = self.encode_prompt(prompts, clip_skip)
+        if guidance_scale > 1.0:
+            context = jt.concat([self.encode_prompt(negatives, clip_skip), context], dim=0)
+        return context
+
+    def denoise(self, latents, timesteps, context, gens: List[np.random.Generator], guidance_scale: float,
+                eta: float = 0.0, callback=None) -> "jt.Var":
+        """The sampling loop shared by text-to-image and image-to-image: walk `timesteps` from `latents`.
+
+        Classifier-free guidance (Ho & Salimans 2022) when guidance_scale > 1: eps = eps_u + s (eps_c - eps_u).
+        Stochastic samplers get one fresh noise draw per step from each image's own generator.
+        """
+        batch, shape = latents.shape[0], tuple(latents.shape[1:])
         do_cfg = guidance_scale > 1.0
-
-        context = self.encode_prompt(prompts, clip_skip)                       # (B, 77, D)
-        if do_cfg:
-            context = jt.concat([self.encode_prompt(negatives, clip_skip), context], dim=0)  # (2B, 77, D)
-
-        gens, seeds = self.make_generators(batch, seed, generator)
-        shape = (self.unet.config.in_channels, height // scale, width // scale)
-        self.scheduler.set_timesteps(num_inference_steps)
-        start = self.draw(gens, shape)                                        # (B, 4, h, w), always drawn
-        if latents is None:
-            latents = start * self.scheduler.init_noise_sigma
-        else:
-            latents = jt.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, jt.Var) else latents
-            if tuple(latents.shape) != (batch, *shape):
-                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(batch, *shape)}")
-            latents = latents * self.scheduler.init_noise_sigma
         # Samplers that add fresh noise at each step (DDPM, Euler ancestral, DDIM with eta > 0).
         stochastic = getattr(self.scheduler, "stochastic", False) or eta > 0
         step_kwargs = {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}
         if eta > 0 and not step_kwargs:
             raise ValueError(f"eta is only used by DDIMScheduler, not {type(self.scheduler).__name__}")
 
-        for i, t in enumerate(tqdm(self.scheduler.timesteps, desc="sampling", disable=self.progress_bar_disabled)):
+        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=self.progress_bar_disabled)):
             with jt.no_grad():
                 x = jt.concat([latents, latents], dim=0) if do_cfg else latents
                 x = self.scheduler.scale_model_input(x, t)
@@ -280,11 +296,36 @@ class StableDiffusionPipeline(LoraLoaderMixin):
                 latents.sync()
             if callback is not None:
                 callback(i, t, latents)
+        return latents
 
+    def _output(self, latents, seeds: List[Optional[int]], output_type: str) -> StableDiffusionOutput:
         if output_type == "latent":
             return StableDiffusionOutput(images=latents, seeds=seeds)
         images = self.decode_latents(latents)
         return StableDiffusionOutput(images=numpy_to_pil(images) if output_type == "pil" else images, seeds=seeds)
+
+    def __call__(self, prompt: PromptArg, negative_prompt: Optional[PromptArg] = None, height: Optional[int] = None,
+                 width: Optional[int] = None, num_inference_steps: int = 50, guidance_scale: float = 7.5,
+                 num_images_per_prompt: int = 1, seed=None, generator=None, latents=None, eta: float = 0.0,
+                 output_type: str = "pil", clip_skip: Optional[int] = None, callback=None) -> StableDiffusionOutput:
+        prompts, negatives = self._check_call(prompt, negative_prompt, num_images_per_prompt, output_type)
+        batch = len(prompts)
+        height, width = self._image_size(height, width)
+        context = self._guidance_context(prompts, negatives, guidance_scale, clip_skip)  # (2B or B, 77, D)
+
+        gens, seeds = self.make_generators(batch, seed, generator)
+        shape = (self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        self.scheduler.set_timesteps(num_inference_steps)
+        start = self.draw(gens, shape)                                        # (B, 4, h, w), always drawn
+        if latents is None:
+            latents = start * self.scheduler.init_noise_sigma
+        else:
+            latents = jt.array(np.asarray(latents, dtype=np.float32)) if not isinstance(latents, jt.Var) else latents
+            if tuple(latents.shape) != (batch, *shape):
+                raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {(batch, *shape)}")
+            latents = latents * self.scheduler.init_noise_sigma
+        latents = self.denoise(latents, self.scheduler.timesteps, context, gens, guidance_scale, eta, callback)
+        return self._output(latents, seeds, output_type)
 
 
 def load_pipeline(model: Optional[str] = None, dtype: Optional[str] = None,
