@@ -374,6 +374,40 @@ def _apply_diffusers_metadata(modules: Dict[str, ModuleLora], metadata: Dict[str
                 entry.alpha = scale * entry.rank
 
 
+BUNDLE_PREFIX = "bundle_emb."
+
+
+def split_bundle_embeddings(tensors: Dict[str, np.ndarray], source: str = "LoRA file"):
+    """(LoRA tensors, {token: (N, D)}) from a LoRA file's keys: `bundle_emb.<token>.<anything>` is a Textual
+    Inversion embedding bundled with the LoRA (A1111 reads `bundle_emb.<token>.string_to_param.*`)."""
+    rest, embeddings = {}, {}
+    for key, value in tensors.items():
+        if not key.startswith(BUNDLE_PREFIX):
+            rest[key] = value
+            continue
+        parts = key.split(".")
+        if len(parts) < 3 or not parts[1]:
+            raise LoraError(f"{source}: malformed bundled embedding key {key!r}")
+        value = np.asarray(value)
+        if value.dtype.kind != "f" or value.ndim not in (1, 2) or value.size == 0:
+            raise LoraError(f"{source}: bundled embedding {key} must be a (D,) or (N, D) float array")
+        if parts[1] in embeddings:
+            raise LoraError(f"{source}: embedding {parts[1]!r} is bundled twice")
+        embeddings[parts[1]] = value.astype(np.float32).reshape(-1, value.shape[-1])
+    return rest, embeddings
+
+
+def bundle_embedding_tensors(embeddings: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """{token: (N, D)} -> `bundle_emb.<token>.string_to_param.*` tensors (the keys A1111 reads)."""
+    out = {}
+    for token, vec in embeddings.items():
+        if not token or "." in token:
+            raise LoraError(f"cannot bundle embedding {token!r}: a bundled token may not contain '.'")
+        vec = np.asarray(vec, dtype=np.float32)
+        out[f"{BUNDLE_PREFIX}{token}.string_to_param.*"] = vec.reshape(-1, vec.shape[-1])
+    return out
+
+
 def parse_lora_state_dict(tensors: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None,
                           name_tables: Optional[Dict[str, Dict[str, Optional[str]]]] = None,
                           strict: bool = True, source: str = "LoRA state dict") -> LoraState:
@@ -387,6 +421,9 @@ def parse_lora_state_dict(tensors: Dict[str, np.ndarray], metadata: Optional[Dic
     tensors = {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in tensors.items()}
     if not tensors:
         raise LoraError(f"{source}: no tensors")
+    tensors, embeddings = split_bundle_embeddings(tensors, source)
+    if not tensors and embeddings:
+        return LoraState({}, metadata, "embeddings", embeddings)
     fmt = detect_format(tensors)
     if fmt == "mixed":
         kohya = [k for k in tensors if _is_kohya_key(k)][:3]
@@ -413,7 +450,7 @@ def parse_lora_state_dict(tensors: Dict[str, np.ndarray], metadata: Optional[Dic
         strict_or_warn(msg, strict)
     if not modules:
         raise LoraError(f"{source}: no usable LoRA modules (format {fmt})")
-    return LoraState(modules, metadata, fmt)
+    return LoraState(modules, metadata, fmt, embeddings)
 
 
 def load_lora_state(path_or_tensors, name_tables=None, strict: bool = True,

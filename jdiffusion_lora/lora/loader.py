@@ -83,11 +83,28 @@ class LoraLoaderMixin:
             msg = (f"LoRA {_describe_source(pretrained_model_name_or_path_or_dict)}: "
                    f"{len(problems)} problem(s): " + "; ".join(problems))
             strict_or_warn(msg, strict)
-        if not any(plans.values()):
+        if not any(plans.values()) and not state.embeddings:
             raise LoraError(f"LoRA {_describe_source(pretrained_model_name_or_path_or_dict)}: nothing to load")
+        self._load_bundled_embeddings(state.embeddings)
         for component, plan in plans.items():
             inject.apply_adapter_plan(models[component], plan, adapter_name, scale)
         return adapter_name
+
+    def _load_bundled_embeddings(self, embeddings: Dict[str, np.ndarray]) -> None:
+        """Textual Inversion embeddings bundled in a LoRA file (`bundle_emb.<token>.*`, as A1111 loads them).
+        A token already loaded with the same vectors is kept; with other vectors it is an error."""
+        if not embeddings:
+            return
+        if not hasattr(self, "load_textual_inversion"):
+            raise LoraError(f"the LoRA file bundles embeddings {sorted(embeddings)}; this pipeline cannot load them")
+        current = self.textual_inversion_embeddings()
+        new = {}
+        for token, vec in embeddings.items():
+            if token in current and current[token].shape == vec.shape and np.allclose(current[token], vec):
+                continue
+            new[token] = vec
+        if new:
+            self.load_textual_inversion(list(new.values()), token=list(new))
 
     def lora_state(self, adapter_name: Optional[str] = None) -> LoraState:
         """The weights of one adapter over all components, as a format-independent `LoraState`."""
@@ -101,14 +118,17 @@ class LoraLoaderMixin:
 
     def save_lora_weights(self, save_path: str, format: str = "diffusers", dtype: Optional[str] = "fp32",
                           adapter_name: Optional[str] = None, metadata: Optional[Dict[str, str]] = None,
-                          base_model: Optional[str] = None) -> str:
+                          base_model: Optional[str] = None,
+                          embeddings: Optional[Dict[str, np.ndarray]] = None) -> str:
         """Write one adapter to `save_path` (a folder gets `pytorch_lora_weights.safetensors`).
 
         format "diffusers" (PEFT names, alphas in `lora_adapter_metadata`) or "kohya"
         (kohya / LyCORIS names, `.alpha`, `ss_*` metadata; `metadata` adds training settings).
+        embeddings: Textual Inversion vectors {token: (N, D)} written into the same file (`bundle_emb`).
         Returns the file written.
         """
         state = self.lora_state(adapter_name)
+        state.embeddings = dict(embeddings or {})
         if base_model is None and format == "kohya":
             base_model = self._guess_base_model()
         return save_lora_state(state, save_path, format=format, dtype=dtype, metadata=metadata,

@@ -83,6 +83,8 @@ class LoraState:
     modules: Dict[str, ModuleLora]
     metadata: Dict[str, str] = dataclasses.field(default_factory=dict)
     source_format: str = "unknown"
+    # Textual Inversion embeddings travelling with the LoRA (kohya/A1111 `bundle_emb`): token -> (N, D)
+    embeddings: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     def components(self):
         return sorted({k.split(".", 1)[0] for k in self.modules})

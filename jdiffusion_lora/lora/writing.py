@@ -13,7 +13,7 @@ import numpy as np
 
 from ..weights import save_safetensors
 from .adapter_math import LoraError
-from .formats import (LORA_WEIGHT_NAMES, LYCORIS_ROLE_TO_SUFFIX, METADATA_KEY, canonical_text_path, kohya_name,
+from .formats import (bundle_embedding_tensors, LORA_WEIGHT_NAMES, LYCORIS_ROLE_TO_SUFFIX, METADATA_KEY, canonical_text_path, kohya_name,
                       load_lora_state)
 from .state import LoraState, ModuleLora
 
@@ -187,6 +187,7 @@ def save_lora_state(state: LoraState, path: str, format: str = "diffusers", dtyp
         tensors, header = to_kohya(state, base_model, metadata)
     else:
         raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
+    tensors.update(bundle_embedding_tensors(state.embeddings))
     save_safetensors(tensors, path, metadata=header, dtype=dtype)
     return path
 

@@ -226,6 +226,28 @@ class CLIPTextModel(ModelMixin):
             out[key] = value
         return out
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.embeddings.token_embedding
+
+    def resize_token_embeddings(self, num_tokens: int) -> nn.Embedding:
+        """Grow (or cut) the token table to `num_tokens` rows, keeping the existing rows; new rows are
+        the mean of the old ones (overwrite them, e.g. with a Textual Inversion vector)."""
+        old = self.get_input_embeddings().weight
+        n_old, width = old.shape
+        if num_tokens == n_old:
+            return self.get_input_embeddings()
+        weight = old.numpy()
+        if num_tokens > n_old:
+            mean = weight.mean(axis=0, keepdims=True)
+            weight = np.concatenate([weight, np.repeat(mean, num_tokens - n_old, axis=0)], axis=0)
+        table = nn.Embedding(num_tokens, width)
+        table.weight = jt.array(weight[:num_tokens])
+        if old.is_stop_grad():
+            table.weight.stop_grad()
+        self.text_model.embeddings.token_embedding = table
+        self.config.vocab_size = num_tokens
+        return table
+
     def _pool_positions(self, ids: np.ndarray) -> np.ndarray:
         """Index of the pooled token in each row, as transformers picks it."""
         eos = self.config.eos_token_id

@@ -164,11 +164,47 @@ class CLIPTokenizer:
         self.byte_encoder = bytes_to_unicode()
         self.byte_decoder = {c: b for b, c in self.byte_encoder.items()}
         self._cache: Dict[str, List[int]] = {}
-        # Longest first, so that a token containing another one wins (leftmost-longest match).
-        normalized_tokens = set(normalized_tokens)
-        by_length = sorted(self.added_tokens, key=len, reverse=True)
-        self._raw_added = [t for t in by_length if t not in normalized_tokens]
-        self._normalized_added = [t for t in by_length if t in normalized_tokens]
+        self._normalized_set = set(normalized_tokens)
+        self._index_added()
+
+    def _index_added(self) -> None:
+        """Matching tables of the added tokens. A normalised token is matched by its normalised content
+        (so "<Style>" also matches "<style>" and "<STYLE>"), as `tokenizers` does. Longest first, so that
+        a token containing another one wins (leftmost-longest match)."""
+        self._match: Dict[str, int] = {}
+        raw, norm = [], []
+        for tok, i in self.added_tokens.items():
+            key = normalize(tok) if tok in self._normalized_set else tok
+            (norm if tok in self._normalized_set else raw).append(key)
+            self._match[key] = i
+        self._raw_added = sorted(raw, key=len, reverse=True)
+        self._normalized_added = sorted(norm, key=len, reverse=True)
+
+    def get_vocab(self) -> Dict[str, int]:
+        """Every token -> id, added ones included (transformers' `get_vocab`)."""
+        return {**self.encoder, **self.added_tokens}
+
+    def add_tokens(self, tokens: Union[str, Sequence[str]]) -> int:
+        """Add new normal (not special) tokens, as transformers' `add_tokens`: ids from len(self) on,
+        matched in the normalised text before BPE. Tokens already known are skipped; returns how many were added."""
+        added = 0
+        for tok in [tokens] if isinstance(tokens, str) else list(tokens):
+            if not tok or tok in self.get_vocab():
+                continue
+            i = len(self)
+            self.added_tokens[tok] = i
+            self.decoder[i] = tok
+            self._normalized_set.add(tok)
+            added += 1
+        self._index_added()
+        self._cache.clear()
+        return added
+
+    def convert_tokens_to_ids(self, tokens: Union[str, Sequence[str]]):
+        vocab = self.get_vocab()
+        if isinstance(tokens, str):
+            return vocab.get(tokens, self.unk_token_id)
+        return [vocab.get(t, self.unk_token_id) for t in tokens]
 
     # ------------------------------------------------------------------ loading
 
@@ -247,12 +283,13 @@ class CLIPTokenizer:
 
         os.makedirs(folder, exist_ok=True)
         merges = sorted(self.bpe_ranks, key=self.bpe_ranks.get)
-        normalized = set(self._normalized_added)
+        normalized = self._normalized_set
         config = {
             "model_max_length": self.model_max_length, "do_lower_case": True,
             "bos_token": self.bos_token, "eos_token": self.eos_token,
             "pad_token": self.pad_token, "unk_token": self.unk_token,
-            "added_tokens_decoder": {str(i): {"content": t, "normalized": t in normalized, "special": True,
+            "added_tokens_decoder": {str(i): {"content": t, "normalized": t in normalized,
+                                              "special": i in self.special_ids,
                                               "lstrip": False, "rstrip": False, "single_word": False}
                                      for t, i in sorted(self.added_tokens.items(), key=lambda kv: kv[1])},
             "tokenizer_class": "CLIPTokenizer",
@@ -331,7 +368,7 @@ class CLIPTokenizer:
                 continue
             if i > start:
                 out.append(text[start:i])
-            out.append(self.added_tokens[tok])
+            out.append(self._match[tok])
             i += len(tok)
             start = i
         if start < len(text):

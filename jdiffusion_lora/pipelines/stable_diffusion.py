@@ -33,6 +33,7 @@ from ..models.modeling import to_model_dtype
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers import SCHEDULERS, DDIMScheduler
 from .single_file import is_single_file
+from .textual_inversion import TextualInversionLoaderMixin
 
 PromptArg = Union[str, Sequence[str]]
 
@@ -62,10 +63,11 @@ def _read_model_index(folder: str) -> dict:
         return json.load(f)
 
 
-class StableDiffusionPipeline(LoraLoaderMixin):
+class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     """Holds the five components and runs text -> latents -> image.
 
-    LoRA methods (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...) come from `LoraLoaderMixin`.
+    LoRA methods (`load_lora_weights`, `set_adapters`, `fuse_lora`, ...) come from `LoraLoaderMixin`,
+    `load_textual_inversion` from `TextualInversionLoaderMixin`.
     """
 
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
@@ -176,6 +178,7 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     def encode_prompt(self, prompts: List[str], clip_skip: Optional[int] = None) -> "jt.Var":
         """Prompts -> CLIP hidden states (B, 77, D). clip_skip=1 uses the penultimate layer (A1111 convention)."""
+        prompts = self.maybe_convert_prompt(list(prompts))
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True)["input_ids"]
         with jt.no_grad():
