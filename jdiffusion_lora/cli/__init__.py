@@ -10,7 +10,7 @@ import sys
 from typing import List, Optional
 
 # Each module has add_parser(subparsers), which registers its command and sets `func`.
-COMMANDS = ["txt2img", "train", "lora", "evaluate", "generate", "package"]
+COMMANDS = ["txt2img", "train", "lora", "evaluate", "generate", "package", "pez"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,7 @@ Resumable: images already made with the same settings are skipped (checked again
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -31,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
                         "{hypernyms}, {field*N} repeats: challenge = '{trigger},{style_tags},{prompt*4},{hypernyms}'")
     t.add_argument("--negative-template", default=None, help="negative prompt template (default: none)")
     t.add_argument("--trigger-format", default="style_{style}", help="the {trigger} field")
+    t.add_argument("--pez", default=None, metavar="FILE",
+                   help="JSON {style: prompt} written by the `pez` command, for the {pez} template field")
     t.add_argument("--dedupe", action="store_true", help="keep the first of duplicate prompts instead of stopping")
     s = p.add_argument_group("sampling")
     s.add_argument("--scheduler", default=None, help="DDIMScheduler, DPMSolverMultistepScheduler, ... "
@@ -89,6 +92,17 @@ def resolve_workers(value) -> int:
     return n
 
 
+def read_pez_file(path: str) -> dict:
+    import json
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"PEZ prompt file not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not all(isinstance(v, (str, dict)) for v in data.values()):
+        raise ValueError(f"{path}: expected {{style: prompt}}")
+    return {k: v["prompt"] if isinstance(v, dict) else v for k, v in data.items()}
+
+
 def run(args) -> int:
     from .._runtime import announce_device
     from ..generate import GenerateSettings, LoraSpec, build_items, read_inputs, run_job
@@ -105,7 +119,7 @@ def run(args) -> int:
         warnings.simplefilter("always")
         items = build_items(inputs, llm, template=args.template, negative_template=args.negative_template,
                             base_seed=args.seed, seed_mode=args.seed_mode, trigger_format=args.trigger_format,
-                            dedupe=args.dedupe)
+                            dedupe=args.dedupe, pez=read_pez_file(args.pez) if args.pez else None)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     settings = GenerateSettings(

@@ -178,8 +178,11 @@ def read_inputs(dataset_root: Optional[str] = None, prompt_file: Optional[str] =
 
 def build_items(inputs: List[StyleInput], llm: Dict[str, dict], template: str = "challenge",
                 negative_template: Optional[str] = None, base_seed: int = 114514, seed_mode: str = "hash",
-                trigger_format: str = "style_{style}", dedupe: bool = False) -> List[Item]:
-    """One Item per (style, prompt), in style then key order. Checks names before anything is written."""
+                trigger_format: str = "style_{style}", dedupe: bool = False,
+                pez: Optional[Dict[str, str]] = None) -> List[Item]:
+    """One Item per (style, prompt), in style then key order. Checks names before anything is written.
+
+    pez: style id -> its PEZ hard prompt (the `{pez}` field); a template using {pez} needs one per style."""
     template = resolve_template(template)
     negative_template = resolve_template(negative_template)
     check_template(template)
@@ -187,6 +190,11 @@ def build_items(inputs: List[StyleInput], llm: Dict[str, dict], template: str = 
         check_template(negative_template)
     items: List[Item] = []
     problems: List[str] = []
+    if "{pez}" in template + (negative_template or ""):
+        missing = [s.style for s in inputs if not (pez or {}).get(s.style)]
+        if missing:
+            raise PlanError(f"the template uses {{pez}} but styles {missing} have no PEZ prompt "
+                            "(run `python -m jdiffusion_lora.cli pez` and pass its file with --pez)")
     for s in inputs:
         seen: Dict[str, str] = {}  # lower-cased stem -> key (the scorer lower-cases stems; so may the file system)
         for key, prompt in s.prompts:
@@ -210,7 +218,7 @@ def build_items(inputs: List[StyleInput], llm: Dict[str, dict], template: str = 
                 continue
             seen[stem.lower()] = key
             hyper = (llm.get(prompt.lower(), {}) or {}).get("hypernyms", [])
-            values = field_values(s.style, prompt, s.style_tags, hyper, trigger_format)
+            values = field_values(s.style, prompt, s.style_tags, hyper, trigger_format, (pez or {}).get(s.style, ""))
             items.append(Item(style=s.style, key=key, prompt=prompt, stem=stem, text=render(template, values),
                               negative=render(negative_template, values) if negative_template else "",
                               seed=item_seed(base_seed, s.style, prompt, seed_mode)))

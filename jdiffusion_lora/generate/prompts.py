@@ -7,6 +7,7 @@ A template is plain text with fields in braces; `{field*N}` repeats a field N ti
     {style_tags}   tag.json "style" of the style ("purple, lineart, dark_background")
     {prompt}       the object name from prompt.json ("Cat")
     {hypernyms}    llm_prompt.json [prompt]["hypernyms"], looked up case-insensitively
+    {pez}          the style's PEZ hard prompt (`python -m jdiffusion_lora.cli pez`, given with --pez FILE)
 
 The rendered text is comma-normalised like the training captions (tags stripped, empty tags
 dropped, joined with ","), so a missing optional field leaves no stray comma.
@@ -27,7 +28,7 @@ PRESETS = {
     "plain": "{prompt}",
 }
 RENAMED_PRESETS = {"seed": "challenge"}   # old name -> new name
-FIELDS = ("trigger", "style", "style_tags", "prompt", "hypernyms")
+FIELDS = ("trigger", "style", "style_tags", "prompt", "hypernyms", "pez")
 _FIELD = re.compile(r"\{([A-Za-z_]+)(?:\*(\d+))?\}")
 
 
@@ -71,8 +72,9 @@ def render(template: str, values: Dict[str, str]) -> str:
 
 
 def field_values(style: str, prompt: str, style_tags: str = "", hypernyms: Optional[List[str]] = None,
-                 trigger_format: str = "style_{style}") -> Dict[str, str]:
+                 trigger_format: str = "style_{style}", pez: str = "") -> Dict[str, str]:
     return {
+        "pez": pez or "",
         "trigger": trigger_format.format(style=style),
         "style": style,
         "style_tags": style_tags or "",

@@ -103,12 +103,13 @@ class CLIPTextEmbeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def execute(self, input_ids: jt.Var) -> jt.Var:
+    def execute(self, input_ids: jt.Var, inputs_embeds: Optional[jt.Var] = None) -> jt.Var:
+        """Token + position embeddings; `inputs_embeds` (B, T, C) replaces the token lookup."""
         seq_len = input_ids.shape[-1]
         max_len = self.position_embedding.weight.shape[0]
         if seq_len > max_len:
             raise ValueError(f"sequence length {seq_len} exceeds max_position_embeddings {max_len}")
-        tokens = self.token_embedding(input_ids)  # (B, T, C)
+        tokens = self.token_embedding(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         return tokens + self.position_embedding.weight[:seq_len].unsqueeze(0)
 
 
@@ -258,8 +259,11 @@ class CLIPTextModel(ModelMixin):
         eos = np.asarray(eos).reshape(-1)
         return np.isin(ids, eos).astype(np.int32).argmax(-1)  # first EOS (0 when there is none)
 
-    def execute(self, input_ids, attention_mask=None, output_hidden_states: bool = False) -> CLIPTextModelOutput:
-        """input_ids: (B, T) ints (numpy or jt.Var); attention_mask: optional (B, T), 1 = real token."""
+    def execute(self, input_ids, attention_mask=None, output_hidden_states: bool = False,
+                inputs_embeds=None) -> CLIPTextModelOutput:
+        """input_ids: (B, T) ints (numpy or jt.Var); attention_mask: optional (B, T), 1 = real token.
+        inputs_embeds: optional (B, T, C) token vectors used instead of looking the ids up (the ids still
+        choose the pooled position), for soft prompts (PEZ, Textual Inversion training)."""
         ids = _as_numpy_ids(input_ids)
         b, t = ids.shape
         tm = self.text_model
@@ -278,7 +282,7 @@ class CLIPTextModel(ModelMixin):
                 row_valid = jt.array(valid.astype(np.float32))
         mask = jt.array(np.where(allowed, 0.0, MASK_VALUE).astype(np.float32))
 
-        x = tm.embeddings(jt.array(ids))  # (B, T, C)
+        x = tm.embeddings(jt.array(ids), inputs_embeds)  # (B, T, C)
         hidden_states = [x] if output_hidden_states else None
         for layer in tm.encoder.layers:
             x = layer(x, mask, row_valid)

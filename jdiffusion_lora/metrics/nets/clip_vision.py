@@ -203,9 +203,10 @@ class CLIPModel(ModelMixin):
         state["logit_scale"] = state["logit_scale"].reshape(())
         return state
 
-    def get_text_features(self, input_ids, attention_mask=None):
-        """Token ids (B, T) -> projected text embeddings (B, P), not normalised."""
-        pooled = self._text.module(input_ids, attention_mask=attention_mask).pooler_output
+    def get_text_features(self, input_ids, attention_mask=None, inputs_embeds=None):
+        """Token ids (B, T) -> projected text embeddings (B, P), not normalised. `inputs_embeds` (B, T, C):
+        token vectors to use instead of the ids' (soft prompts)."""
+        pooled = self._text.module(input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds).pooler_output
         return self.text_projection(pooled)
 
     def get_image_features(self, pixel_values):
