@@ -50,6 +50,10 @@ def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
     s.add_argument("--batch-mode", choices=["exact", "batched"], default="exact",
                    help="exact: one image per UNet call, bytes independent of batch size; batched: one UNet "
                         "call per batch (faster on GPU, last-bit differences between batch sizes)")
+    s.add_argument("--start", choices=["noise", "reference", "flat", "blur", "latents"], default="noise",
+                   help="start from noise, or (img2img at --strength) from a reference image, a flat image of the "
+                        "style's mean colour, a blurred mean of its references, or latents with their mean and spread")
+    s.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] for --start")
     m = p.add_argument_group("speed and memory")
     m.add_argument("--fuse-lora", action="store_true", help="fold the LoRA(s) into the weights (faster)")
     m.add_argument("--attention-slicing", action="store_true",
@@ -127,7 +131,8 @@ def run(args) -> int:
         scheduler=args.scheduler, steps=args.steps, guidance=args.guidance,
         height=args.height or args.size, width=args.width or args.size, batch_size=args.batch_size,
         batch_mode=args.batch_mode, fuse_lora=args.fuse_lora, attention_slicing=args.attention_slicing,
-        vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, dtype=args.dtype)
+        vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, dtype=args.dtype, start=args.start,
+        strength=args.strength, data_root=args.data)
     from ..train import distributed as dist
     # Under mpirun each rank is one worker (it makes every N-th item): --workers is not used.
     workers = 1 if dist.active() else resolve_workers(args.workers)

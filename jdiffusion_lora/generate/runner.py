@@ -61,12 +61,23 @@ class GenerateSettings:
     vae_slicing: bool = False
     vae_tiling: bool = False
     dtype: str = "fp32"                      # "fp32" | "fp16" (CUDA only) | "bf16" (see train/precision.py)
+    start: str = "noise"                     # noise | reference | flat | blur | latents (see generate/start.py)
+    strength: float = 0.8                    # img2img strength when start is not "noise"
+    data_root: Optional[str] = None          # the dataset root whose <NN>/images the start is built from
 
     def check(self) -> None:
         if self.batch_mode not in ("exact", "batched"):
             raise ValueError(f"batch mode must be 'exact' or 'batched', got {self.batch_mode!r}")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch size and steps must be at least 1")
+        from .start import START_KINDS
+        if self.start not in START_KINDS:
+            raise ValueError(f"start must be one of {START_KINDS}, got {self.start!r}")
+        if self.start != "noise":
+            from ..pipelines.img2img import check_strength
+            check_strength(self.strength)
+            if not self.data_root or not os.path.isdir(self.data_root):
+                raise ValueError(f"start={self.start!r} needs the dataset root (--data) with <NN>/images")
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
         if self.dtype == "bf16":
@@ -109,7 +120,9 @@ def job_description(settings: GenerateSettings) -> dict:
         "scheduler": settings.scheduler,
         "settings": {"steps": settings.steps, "guidance": settings.guidance, "height": settings.height,
                      "width": settings.width, "batch_mode": settings.batch_mode, "dtype": settings.dtype,
-                     "fuse_lora": settings.fuse_lora, "vae_tiling": settings.vae_tiling},
+                     "fuse_lora": settings.fuse_lora, "vae_tiling": settings.vae_tiling,
+                     **({"start": settings.start, "strength": settings.strength,
+                         "data_root": os.path.abspath(settings.data_root)} if settings.start != "noise" else {})},
     }
 
 
@@ -155,12 +168,29 @@ def load_job_pipeline(settings: GenerateSettings):
 def _render(pipe, items: Sequence[Item], settings: GenerateSettings) -> List[np.ndarray]:
     kwargs = dict(num_inference_steps=settings.steps, guidance_scale=settings.guidance, height=settings.height,
                   width=settings.width, output_type="np")
+    if settings.start != "noise":
+        return _render_from_start(pipe, items, settings, kwargs)
     if settings.batch_mode == "batched":
         out = pipe([it.text for it in items], negative_prompt=[it.negative for it in items],
                    seed=[it.seed for it in items], **kwargs)
         return list(out.images)
     # exact: one image at a time through text encoder, UNet (its CFG pair) and VAE
     return [pipe([it.text], negative_prompt=[it.negative], seed=[it.seed], **kwargs).images[0] for it in items]
+
+
+def _render_from_start(pipe, items: Sequence[Item], settings: GenerateSettings, kwargs: dict) -> List[np.ndarray]:
+    """img2img from a start built from each item's style references (one image at a time)."""
+    from ..pipelines.img2img import StableDiffusionImg2ImgPipeline
+    from .start import StartMaker
+
+    img2img = getattr(pipe, "_img2img", None)
+    if img2img is None:
+        height, width = pipe._image_size(settings.height, settings.width)
+        img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+        img2img.start_maker = StartMaker(settings.start, settings.data_root, pipe, (width, height))
+        pipe._img2img = img2img
+    return [img2img([it.text], image=img2img.start_maker(it.style, it.seed), strength=settings.strength,
+                    negative_prompt=[it.negative], seed=[it.seed], **kwargs).images[0] for it in items]
 
 
 def generate_items(pipe, items: Sequence[Item], settings: GenerateSettings, out_dir: str, job: dict,
