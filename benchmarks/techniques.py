@@ -72,7 +72,8 @@ def score(folder: str, args) -> dict:
 def picture(name: str, folder: str, args, scores: dict) -> str:
     from PIL import Image
 
-    from jdiffusion_lora.train.metrics import image_grid, save_png
+    from jdiffusion_lora.image_files import save_png
+    from jdiffusion_lora.train.logging import image_grid
 
     tiles, labels = [], []
     for style in args.styles.split(","):
@@ -116,6 +117,9 @@ def main() -> int:
     p.add_argument("--score-weights", default=None, help="folder with the scorer's weight files (else hist only)")
     p.add_argument("--clip", default=None, help="CLIPModel folder for the PEZ variant (skipped without it)")
     p.add_argument("--pez-steps", type=int, default=300)
+    p.add_argument("--ti-lr", type=float, default=0.05, help="Textual Inversion learning rate")
+    p.add_argument("--ti-vectors", type=int, default=2, help="vectors per style token")
+    p.add_argument("--ti-init", default="style", help="the word the token vectors start from")
     p.add_argument("--only", default=None, help="comma-separated variant names to run")
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "techniques"))
     args = p.parse_args()
@@ -124,6 +128,8 @@ def main() -> int:
           f"{os.getloadavg()[0]:.1f} (shared machine: timings are noisy)")
 
     s1, s2 = (float(s) for s in args.strengths.split(","))
+    ti = dict(textual_inversion=True, ti_learning_rate=args.ti_lr, ti_num_vectors=args.ti_vectors,
+              ti_init_word=args.ti_init)
     trained = {}
 
     def lora():
@@ -134,9 +140,8 @@ def main() -> int:
     variants = {
         "base": lambda: generate("base", args),
         "LoRA": lambda: generate("LoRA", args, lora=lora()),
-        "TI": lambda: generate("TI", args, lora=train("ti", args, textual_inversion=True, unet_targets=[],
-                                                      text_encoder_targets=[])["lora"]),
-        "TI + LoRA": lambda: generate("TI + LoRA", args, lora=train("ti_lora", args, textual_inversion=True)["lora"]),
+        "TI": lambda: generate("TI", args, lora=train("ti", args, unet_targets=[], text_encoder_targets=[], **ti)["lora"]),
+        "TI + LoRA": lambda: generate("TI + LoRA", args, lora=train("ti_lora", args, **ti)["lora"]),
         f"LoRA + img2img {s1}": lambda: generate(f"LoRA + img2img {s1}", args, lora=lora(), start="blur", strength=s1),
         f"LoRA + img2img {s2}": lambda: generate(f"LoRA + img2img {s2}", args, lora=lora(), start="blur", strength=s2),
         "LoRA + colour latents": lambda: generate("LoRA + colour latents", args, lora=lora(), start="latents",

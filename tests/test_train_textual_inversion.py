@@ -62,3 +62,59 @@ def test_bad_tokens_and_init_words(pipe):
         TokenEmbeddings.add(pipe, ["style_00"], init_word=" ")
     with pytest.raises(ValueError, match="num_vectors"):
         TokenEmbeddings.add(pipe, ["style_00"], num_vectors=0)
+
+
+def _config(tmp_path, name, **overrides):
+    import os
+
+    from jdiffusion_lora.train.config import build_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    values = dict(output_dir=str(tmp_path / name), data_root=os.path.join(repo, "styles"), sample_every=0,
+                  save_every=0, save_formats=["diffusers", "kohya"], progress_bar=False, tensorboard=False,
+                  before_after=False, overwrite=True, textual_inversion=True, ti_num_vectors=2,
+                  ti_init_word="pastel")
+    values.update(overrides)
+    return build_config(os.path.join(repo, "configs", "demo.toml"), values)
+
+
+def test_ti_and_lora_in_one_run_save_one_file_that_reloads_to_the_same_images(tmp_path):
+    from jdiffusion_lora.lora.formats import load_lora_state
+    from jdiffusion_lora.train.trainer import Trainer
+
+    c = _config(tmp_path, "ti_lora", max_train_steps=3, ti_learning_rate=0.05)
+    trainer = Trainer(c, printer=lambda s: None)
+    result = trainer.run()
+    groups = {g["name"]: g["initial_lr"] for g in trainer.groups}
+    assert any(n.startswith("textual_inversion") and lr == pytest.approx(0.05) for n, lr in groups.items())
+    assert any(n.startswith("unet") for n in groups)                      # the LoRA trains alongside
+    files = [f for f in result.lora_files if f.endswith(".safetensors") and "embeddings" not in f]
+    assert len(files) == 2                                                 # diffusers and kohya
+    state = load_lora_state(files[0])
+    assert state.modules and state.embeddings["style_01"].shape == (2, 32)
+    trained = trainer.ti.embeddings()["style_01"]
+    assert max_abs_diff(state.embeddings["style_01"], trained) == 0
+    init = trainer.pipe.text_encoder.get_input_embeddings().weight.numpy()[
+        trainer.pipe.tokenizer.tokenize_ids("pastel")].mean(0)
+    assert np.abs(trained - init).max() > 1e-3                              # the vectors learned
+
+    prompt = "style_01,pastel,circle"
+    with trainer.evaluating():
+        expected = trainer.pipe(prompt, num_inference_steps=4, seed=5, output_type="np").images
+    for path in files:
+        fresh = StableDiffusionPipeline.from_pretrained(tiny_model_path())
+        fresh.set_progress_bar_config(disable=True)
+        fresh.load_lora_weights(path)
+        got = fresh(prompt, num_inference_steps=4, seed=5, output_type="np").images
+        assert max_abs_diff(got, expected) <= 1e-5
+
+
+def test_ti_config_errors(tmp_path):
+    from jdiffusion_lora.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match="set trigger_template"):
+        _config(tmp_path, "x", trigger_template="")
+    with pytest.raises(ConfigError, match="ti_num_vectors"):
+        _config(tmp_path, "x", ti_num_vectors=0)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        _config(tmp_path, "x", textual_inversion=False, unet_targets=[], text_encoder_targets=[])

@@ -144,18 +144,21 @@ def load_job_pipeline(settings: GenerateSettings):
     pipe = load_pipeline(settings.model, {"fp16": "float16", "bf16": "bfloat16"}.get(settings.dtype),
                          settings.scheduler)
     pipe.set_progress_bar_config(disable=True)
-    names = []
+    names, scales = [], []
     for i, spec in enumerate(settings.loras):
         state = load_lora_state(spec.path, pipe.lora_name_tables(), strict=False)
         theirs, ours = guess_base_model(state), pipe._guess_base_model()
         if theirs and ours and theirs != ours:
             raise LoraError(f"LoRA {spec.path} was made for {theirs} but the model {settings.model} is {ours}")
         try:
-            names.append(pipe.load_lora_weights(spec.path, adapter_name=f"lora{i}"))
+            name = pipe.load_lora_weights(spec.path, adapter_name=f"lora{i}")
+            if name in pipe._all_adapters():   # a file of bundled embeddings only adds tokens, no adapter
+                names.append(name)
+                scales.append(spec.scale)
         except LoraError as e:
             raise LoraError(f"{e} -- is this LoRA made for another base model than {settings.model}?") from None
     if names:
-        pipe.set_adapters(names, [s.scale for s in settings.loras])
+        pipe.set_adapters(names, scales)
         if settings.fuse_lora:
             pipe.fuse_lora()
     if settings.vae_slicing:

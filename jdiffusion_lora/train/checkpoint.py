@@ -246,7 +246,10 @@ def lora_state(t: "Trainer", arrays: Optional[Dict[str, np.ndarray]] = None):
             "jdiffusion_lora.triggers": ",".join(s.trigger for s in t.data.styles),
             "jdiffusion_lora.base_model": c.base_model or "tiny",
             "jdiffusion_lora.prediction_type": t.prediction_type}
-    return ad.lora_state(t.pairs, t.alpha, arrays, t.ga_offsets, meta)
+    state = ad.lora_state(t.pairs, t.alpha, arrays, t.ga_offsets, meta)
+    if getattr(t, "ti", None) is not None:   # the styles' tokens travel in the LoRA file (bundle_emb)
+        state.embeddings = t.ti.embeddings()
+    return state
 
 
 def write_lora_files(t: "Trainer", folder: str, arrays: Optional[Dict[str, np.ndarray]] = None) -> List[str]:
@@ -281,6 +284,13 @@ def ema_arrays(t: "Trainer") -> Dict[str, np.ndarray]:
 def write_final_lora(t: "Trainer") -> List[str]:
     """The finished run's LoRA files in output_dir (and output_dir/ema with EMA)."""
     paths = write_lora_files(t, t.c.output_dir)
+    if getattr(t, "ti", None) is not None:   # also one diffusers learned_embeds file per token, and the pipeline
+        from ..pipelines.textual_inversion import save_textual_inversion
+        t.ti.write_back()
+        for token, vec in t.ti.embeddings().items():
+            path = os.path.join(t.c.output_dir, "embeddings", f"{token}.safetensors")
+            with writing(path):
+                paths.append(save_textual_inversion({token: vec}, path))
     if t.ema is not None:
         paths += write_lora_files(t, os.path.join(t.c.output_dir, "ema"), ema_arrays(t))
     return paths
@@ -296,6 +306,8 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
         if t.ema is not None:
             write_lora_files(t, os.path.join(folder, "ema"), ema_arrays(t))
             extra.update({f"ema.{n}": e.numpy() for n, e in zip(t.param_names, t.ema)})
+        if getattr(t, "ti", None) is not None:
+            extra["ti.vectors"] = t.ti.vectors.numpy()
         for name, (b0, a0) in t.ga_offsets.items():
             extra[f"ga.{name}.up"] = b0
             extra[f"ga.{name}.down"] = a0
@@ -315,7 +327,8 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
 
 
 # The batch split may change (train_batch_size, accumulation, world size): the global batch is kept instead.
-RESUME_MUST_MATCH = ("seed", "rank", "pack_rank", "unet_targets", "text_encoder_targets", "optimizer", "lora_init")
+RESUME_MUST_MATCH = ("seed", "rank", "pack_rank", "unet_targets", "text_encoder_targets", "optimizer", "lora_init",
+                     "textual_inversion", "ti_num_vectors")
 
 
 def restore(t: "Trainer", checkpoint: str) -> None:
@@ -332,6 +345,11 @@ def restore(t: "Trainer", checkpoint: str) -> None:
         raise ValueError(f"cannot resume: the checkpoint trained {state['prediction_type']}, "
                          f"this run {t.prediction_type}")
     ad.load_adapter_arrays(t.pairs, adapter)
+    if getattr(t, "ti", None) is not None:
+        if "ti.vectors" not in extra or extra["ti.vectors"].shape != tuple(t.ti.vectors.shape):
+            raise ValueError(f"cannot resume from {checkpoint}: it has no Textual Inversion vectors of shape "
+                             f"{tuple(t.ti.vectors.shape)}")
+        t.ti.vectors.assign(jt.array(extra["ti.vectors"]))
     t.optimizer.load_state_arrays(optimizer, state["optimizer_steps"])
     t.scaler.load_state_dict(state.get("grad_scaler"))
     ga = {}

@@ -64,7 +64,8 @@ def before_after(c: TrainConfig, lora: str, pipe=None, limit: int = 0,
         images["no trigger"] = generate([j[3] for j in jobs])
         images["LoRA"] = generate([j[2] for j in jobs])
     finally:
-        pipe.delete_adapters(ADAPTER)
+        if ADAPTER in pipe._all_adapters():   # a file of Textual Inversion embeddings only adds no adapter
+            pipe.delete_adapters(ADAPTER)
 
     references = {style.name: [load_rgb(rec.path) for rec in style.images] for style in data.styles}
     scores = {col: np.zeros(len(jobs)) for col in COLUMNS}

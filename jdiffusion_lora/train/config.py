@@ -86,6 +86,12 @@ class TrainConfig:
     unet_targets: List[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     text_encoder_targets: List[str] = field(default_factory=list)  # e.g. q_proj, k_proj, v_proj
 
+    # ------------------------------------------------------------------ Textual Inversion
+    textual_inversion: bool = False       # learn a new token per style (its trigger), alone or with the LoRA
+    ti_num_vectors: int = 1               # vectors per token (token, token_1, ...)
+    ti_init_word: str = "style"           # every vector starts as this word's (mean) embedding
+    ti_learning_rate: float = 5e-3
+
     # ------------------------------------------------------------------ objective
     loss_type: str = "l2"                 # l2 | l1 | huber
     huber_c: float = 0.1
@@ -372,8 +378,13 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("with_prior_preservation needs class_prompt")
     if c.with_prior_preservation and not c.class_data_dir:
         raise ConfigError("with_prior_preservation needs class_data_dir")
-    if not c.unet_targets and not c.text_encoder_targets:
-        raise ConfigError("nothing to train: unet_targets and text_encoder_targets are both empty")
+    if not c.unet_targets and not c.text_encoder_targets and not c.textual_inversion:
+        raise ConfigError("nothing to train: unet_targets and text_encoder_targets are both empty "
+                          "and textual_inversion is off")
+    if c.textual_inversion and not c.trigger_template:
+        raise ConfigError("textual_inversion learns each style's trigger token: set trigger_template")
+    if c.ti_num_vectors < 1:
+        raise ConfigError(f"ti_num_vectors must be >= 1, got {c.ti_num_vectors}")
 
 
 def to_toml(c: TrainConfig) -> str:

@@ -91,13 +91,15 @@ class DenoisingLoss:
     """loss, per_sample = DenoisingLoss(...)(samples): the weighted loss of a micro-batch, the mean over
     its instance samples + prior_loss_weight * the mean over its class samples; per_sample is (B,)."""
 
-    def __init__(self, c, unet, text_encoder, tokenizer, noise_scheduler, prediction_type: str, text_cache=None):
+    def __init__(self, c, unet, text_encoder, tokenizer, noise_scheduler, prediction_type: str, text_cache=None,
+                 token_embeddings=None):
         self.c = c
         self.unet, self.text_encoder, self.tokenizer = unet, text_encoder, tokenizer
         self.noise_scheduler = noise_scheduler
         self.prediction_type = prediction_type
         self.alphas_cumprod = np.asarray(noise_scheduler.alphas_cumprod, dtype=np.float64)
         self.text_cache = text_cache     # captions -> embeddings, when the text encoder is frozen
+        self.token_embeddings = token_embeddings  # Textual Inversion vectors being trained (or None)
 
     def __call__(self, samples: Sequence):
         c = self.c
@@ -123,9 +125,12 @@ class DenoisingLoss:
     def encode_text(self, captions: Sequence[str]):
         """Captions -> (B, T, D) text embeddings (through the LoRA when the text encoder is trained)."""
         def run(texts):
-            ids = self.tokenizer(list(texts), padding="max_length", max_length=self.c.max_token_length,
+            ti = self.token_embeddings
+            texts = ti.expand(texts) if ti is not None else list(texts)
+            ids = self.tokenizer(texts, padding="max_length", max_length=self.c.max_token_length,
                                  truncation=True)["input_ids"]
-            return self.text_encoder(jt.array(ids)).last_hidden_state
+            return self.text_encoder(jt.array(ids), inputs_embeds=ti.embed(ids) if ti is not None else None
+                                     ).last_hidden_state
 
         if self.text_cache is None:
             return run(captions)

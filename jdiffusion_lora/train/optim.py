@@ -42,7 +42,8 @@ def pair_learning_rates(pair: LoraPair, c) -> Dict[str, float]:
 def build_param_groups(pairs: Sequence[LoraPair], c, extra: Sequence = ()) -> List[dict]:
     """Groups {"name", "params", "param_names", "lr", "initial_lr"}, one per (component, lr).
 
-    `extra`: (name, var, component) of other trainable parameters (base lr of their component).
+    `extra`: (name, var, component) of other trainable parameters (base lr of their component), or
+    (name, var, component, lr) with a learning rate of their own (Textual Inversion vectors).
     """
     groups: Dict[tuple, dict] = {}
 
@@ -58,8 +59,9 @@ def build_param_groups(pairs: Sequence[LoraPair], c, extra: Sequence = ()) -> Li
         lrs = pair_learning_rates(pair, c)
         add(pair.component, lrs["down"], pair.name + ".lora_A.weight", pair.down)
         add(pair.component, lrs["up"], pair.name + ".lora_B.weight", pair.up)
-    for name, var, component in extra:
-        add(component, (c.unet_lr if component == "unet" else c.text_encoder_lr) or c.learning_rate, name, var)
+    for name, var, component, *own_lr in extra:
+        lr = own_lr[0] if own_lr else (c.unet_lr if component == "unet" else c.text_encoder_lr) or c.learning_rate
+        add(component, lr, name, var)
     return list(groups.values())
 
 

@@ -36,6 +36,8 @@ def sample_images(t: "Trainer", step: int) -> str:
     c = t.c
     items = sample_prompts(c, t.data)
     prompts = [p for p, _, _ in items]
+    if getattr(t, "ti", None) is not None:
+        t.ti.write_back()   # the pipeline samples with the current token vectors
     with t.evaluating():
         t.pipe.set_progress_bar_config(disable=True)
         out = t.pipe(prompts, num_inference_steps=c.sample_steps, guidance_scale=c.sample_guidance,

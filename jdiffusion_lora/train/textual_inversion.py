@@ -45,9 +45,16 @@ class TokenEmbeddings:
         table = pipe.text_encoder.get_input_embeddings().weight.numpy()
         init = table[init_ids].mean(axis=0)
         vectors = [np.repeat(init[None], num_vectors, axis=0) for _ in tokens]
-        pipe.load_textual_inversion(vectors, token=list(tokens)) if len(tokens) > 1 else \
-            pipe.load_textual_inversion(vectors[0], token=tokens[0])
+        pipe.load_textual_inversion(vectors, token=list(tokens))
         return cls(pipe, {t: multi_vector_tokens(t, num_vectors) for t in tokens})
+
+    def expand(self, texts: Sequence[str]) -> List[str]:
+        """Captions with each multi-vector token written out ("tok tok_1 ...")."""
+        return self.pipe.maybe_convert_prompt(list(texts))
+
+    def parameter(self, c):
+        """The optimizer entry (name, var, component, lr) of the vectors."""
+        return ("textual_inversion.vectors", self.vectors, "textual_inversion", c.ti_learning_rate)
 
     def embed(self, input_ids) -> "jt.Var":
         """Token vectors (B, T, D) for `input_ids` (B, T): the frozen table's, with the new tokens' rows taken

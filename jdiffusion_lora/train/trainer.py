@@ -46,6 +46,7 @@ from .objective import DenoisingLoss, NonFiniteLoss, check_model_fits, nonfinite
 from . import precision
 from .optim import Optimizer, build_param_groups, clip_scale, describe_groups, global_grad_norm, schedule_for
 from .sampling import plot_loss, sample_images
+from .textual_inversion import TokenEmbeddings
 
 
 @dataclass
@@ -108,16 +109,21 @@ class Trainer:
         self.world = dist.world_size()
         self.set_batch_split(c.global_batch_size)
 
+        self.ti = None   # Textual Inversion: one new token per style, its trigger
+        if c.textual_inversion:
+            self.ti = TokenEmbeddings.add(self.pipe, [s.trigger for s in self.data.styles], c.ti_num_vectors,
+                                          c.ti_init_word)
         models = {"unet": self.unet, "text_encoder": self.text_encoder}
         self.n_styles = len(self.data.styles)
         self.pairs = ad.attach(models, c, self.n_styles, seed=c.seed)
         self.layers = ad.trained_layers(models)
         self.alpha = ad.lora_alpha(c, self.n_styles)
         self.train_text_encoder = bool(c.text_encoder_targets)
-        text_cache = TextCache() if (c.cache_text_embeddings and not self.train_text_encoder) else None
+        frozen_text = not self.train_text_encoder and self.ti is None
+        text_cache = TextCache() if (c.cache_text_embeddings and frozen_text) else None
         self.loss = DenoisingLoss(c, self.unet, self.text_encoder, self.pipe.tokenizer, self.noise_scheduler,
-                                  self.prediction_type, text_cache)
-        self.groups = build_param_groups(self.pairs, c)
+                                  self.prediction_type, text_cache, self.ti)
+        self.groups = build_param_groups(self.pairs, c, extra=[self.ti.parameter(c)] if self.ti else ())
         self.optimizer = Optimizer(self.groups, c)
         self.params, self.param_names = self.optimizer.params, self.optimizer.names
         self.schedule = schedule_for(c)
