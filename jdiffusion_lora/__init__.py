@@ -17,6 +17,7 @@ from .schedulers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepSchedul
 
 __all__ = [
     "DEVICE", "jt", "AutoencoderKL", "CLIPTextModel", "CLIPTokenizer", "UNet2DConditionModel",
-    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler",
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "DDIMScheduler", "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "PNDMScheduler",
 ]

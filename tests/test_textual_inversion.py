@@ -27,7 +27,8 @@ def files(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("emb")
     save_file({"<Sty-A>": torch.from_numpy(vectors(1, 1)[0])}, str(d / "learned_embeds.safetensors"))
-    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": torch.nn.Parameter(torch.from_numpy(vectors(3, 2)))},
+    param = torch.nn.Parameter(torch.from_numpy(vectors(3, 2)))
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": param},
                 "name": "<sty-b>", "step": 500, "sd_checkpoint": "abc123", "sd_checkpoint_name": "sd21"},
                str(d / "styleb.pt"))
     save_file({"emb_params": torch.from_numpy(vectors(2, 3))}, str(d / "sty-c.safetensors"))

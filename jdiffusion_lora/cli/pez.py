@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 
@@ -22,16 +21,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def style_images(root: str, style: str):
-    paths = sorted(glob.glob(os.path.join(root, style, "images", "*.png"))
-                   + glob.glob(os.path.join(root, style, "images", "*.jpg")))
-    if not paths:
-        raise FileNotFoundError(f"style {style} has no images under {root}/{style}/images")
-    return paths
-
-
 def run(args) -> int:
     from ..generate.pez import optimize_prompt
+    from ..generate.start import reference_paths
     from ..models.clip_tokenizer import CLIPTokenizer
     from ..metrics.nets.clip_vision import CLIPModel
     from ..weights import atomic_write_bytes
@@ -44,8 +36,8 @@ def run(args) -> int:
     clip.eval()
     out = {}
     for style in styles:
-        r = optimize_prompt(clip, tokenizer, style_images(args.data, style), num_tokens=args.tokens, steps=args.steps,
-                            lr=args.lr, seed=args.seed, init_prompt=args.init, progress=True)
+        r = optimize_prompt(clip, tokenizer, reference_paths(args.data, style), num_tokens=args.tokens,
+                            steps=args.steps, lr=args.lr, seed=args.seed, init_prompt=args.init, progress=True)
         out[style] = {"prompt": r.prompt, "similarity": r.similarity, "start_prompt": r.start_prompt,
                       "start_similarity": r.start_similarity}
         print(f"{style}: {r.prompt!r}  CLIP similarity {r.start_similarity:.4f} -> {r.similarity:.4f}")

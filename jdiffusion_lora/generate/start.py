@@ -11,19 +11,19 @@ or img2img at strength 0.8-0.95 from a style-coloured start.
 """
 from __future__ import annotations
 
-import glob
 import os
 from typing import Dict, List, Tuple
 
 import numpy as np
 from PIL import Image, ImageFilter
 
+from ..image_files import list_images
+
 START_KINDS = ("noise", "reference", "flat", "blur", "latents")
 
 
 def reference_paths(data_root: str, style: str) -> List[str]:
-    paths = sorted(p for ext in ("png", "jpg", "jpeg", "webp")
-                   for p in glob.glob(os.path.join(data_root, style, "images", f"*.{ext}")))
+    paths = list_images(os.path.join(data_root, style, "images"))
     if not paths:
         raise FileNotFoundError(f"style {style}: no reference images in {os.path.join(data_root, style, 'images')}")
     return paths

@@ -13,8 +13,8 @@ import numpy as np
 
 from ..weights import save_safetensors
 from .adapter_math import LoraError
-from .formats import (bundle_embedding_tensors, LORA_WEIGHT_NAMES, LYCORIS_ROLE_TO_SUFFIX, METADATA_KEY, canonical_text_path, kohya_name,
-                      load_lora_state)
+from .formats import (LORA_WEIGHT_NAMES, LYCORIS_ROLE_TO_SUFFIX, METADATA_KEY, bundle_embedding_tensors,
+                      canonical_text_path, kohya_name, load_lora_state)
 from .state import LoraState, ModuleLora
 
 

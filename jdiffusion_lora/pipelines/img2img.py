@@ -120,7 +120,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         if given_latents:
             init = image if isinstance(image, jt.Var) else jt.array(image.astype(np.float32))
             if tuple(init.shape[1:]) != shape:
-                raise ValueError(f"image latents have shape {tuple(init.shape)}, expected (B, {', '.join(map(str, shape))})")
+                raise ValueError(f"image latents have shape {tuple(init.shape)}, expected (B, *{shape})")
             init = self._repeat_to(init, batch)
         else:
             pixels = images_to_array(image, height, width)                      # (n, 3, H, W)
