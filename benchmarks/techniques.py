@@ -120,6 +120,7 @@ def main() -> int:
     p.add_argument("--ti-lr", type=float, default=0.05, help="Textual Inversion learning rate")
     p.add_argument("--ti-vectors", type=int, default=2, help="vectors per style token")
     p.add_argument("--ti-init", default="style", help="the word the token vectors start from")
+    p.add_argument("--lora", default=None, help="reuse this LoRA file (trained with the same --steps and seed)")
     p.add_argument("--only", default=None, help="comma-separated variant names to run")
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "techniques"))
     args = p.parse_args()
@@ -133,6 +134,8 @@ def main() -> int:
     trained = {}
 
     def lora():
+        if "lora" not in trained and args.lora:
+            trained["lora"] = args.lora
         if "lora" not in trained:
             trained["lora"] = train("lora", args)["lora"]
         return trained["lora"]
