@@ -114,6 +114,7 @@ class Trainer:
         self.ema: Optional[List] = None
         self.ga_offsets: Dict[str, tuple] = {}
         self.start_step = 0
+        self.started_at = time.time()       # kohya's ss_training_started_at
 
         resume_from = resolve_resume(c.resume, c.output_dir)
         if resume_from:
