@@ -269,10 +269,12 @@ def write_lora_files(t: "Trainer", folder: str, arrays: Optional[Dict[str, np.nd
     from .lora_metadata import training_metadata
     c = t.c
     state = lora_state(t, arrays)
+    buckets = t.batches.buckets
     extra = training_metadata(
         c, t.data, prediction_type=t.prediction_type, network_dim=ad.total_rank(c, t.n_styles),
         network_alpha=t.alpha, base_model_version="sd_v2" if t.text_encoder.config.hidden_size == 1024 else "sd_v1",
-        started_at=t.started_at, finished_at=time.time(), step=c.max_train_steps if step is None else step)
+        started_at=t.started_at, finished_at=time.time(), step=c.max_train_steps if step is None else step,
+        bucket_info=buckets.info() if buckets is not None else None)
     paths = []
     for fmt in c.save_formats:
         path = os.path.join(folder, lora_file_name(fmt, c.output_name, c.save_formats))
@@ -328,7 +330,8 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
 
 
 RESUME_MUST_MATCH = ("seed", "rank", "pack_rank", "unet_targets", "text_encoder_targets", "optimizer",
-                     "train_batch_size", "gradient_accumulation_steps", "lora_init")
+                     "train_batch_size", "gradient_accumulation_steps", "lora_init", "enable_bucket",
+                     "bucket_no_upscale", "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
 
 
 def restore(t: "Trainer", checkpoint: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..lora.metadata import modelspec, ss_value, tag_frequency
 from .batches import caption_parts_for
@@ -25,7 +25,8 @@ def plain_captions(c, data) -> Dict[str, List[str]]:
 
 
 def training_metadata(c, data, *, prediction_type: str, network_dim: int, network_alpha: float,
-                      base_model_version: str, started_at: float, finished_at: float, step: int) -> Dict[str, str]:
+                      base_model_version: str, started_at: float, finished_at: float, step: int,
+                      bucket_info: Optional[dict] = None) -> Dict[str, str]:
     """kohya's ss_* keys (those with an equivalent here, in kohya's string forms) and modelspec.*."""
     n_images = len(data.records)
     per_step = c.train_batch_size * c.gradient_accumulation_steps
@@ -96,6 +97,7 @@ def training_metadata(c, data, *, prediction_type: str, network_dim: int, networ
         "ss_dataset_dirs": json.dumps({s.name: {"n_repeats": 1, "img_count": len(s.images)} for s in data.styles}),
         "ss_reg_dataset_dirs": json.dumps({}),
         "ss_tag_frequency": json.dumps(tag_frequency(plain_captions(c, data))),
+        "ss_bucket_info": json.dumps(bucket_info),
         "ss_sd_model_name": os.path.basename(os.path.normpath(c.base_model)) if c.base_model else "tiny-sd",
     }
     out = {k: ss_value(v) for k, v in ss.items()}

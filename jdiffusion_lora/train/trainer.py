@@ -95,6 +95,9 @@ class Trainer:
             self.print(f"warning: {note}")
         class_images = prepare_class_images(c, self.pipe, self.print) if c.with_prior_preservation else []
         self.batches = SampleBuilder(c, self.data, self.vae, self.num_train_timesteps, class_images)
+        if self.batches.buckets is not None:
+            self.print(f"{len(self.batches.buckets.sizes)} aspect-ratio bucket(s):\n" + "\n".join(
+                self.batches.buckets.table([f"{r.style}/{os.path.basename(r.path)}" for r in self.records])))
         self.order, self.caption_options = self.batches.order, self.batches.caption_options
         self.latent_cache = self.batches.latent_cache
 
