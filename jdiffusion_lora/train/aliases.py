@@ -17,12 +17,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 
 def _truthy(value: Any) -> bool:
+    """A kohya switch: true on the command line (store_true), a boolean in TOML."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
-        return False
     raise ValueError(f"expected true or false, got {value!r}")
 
 
