@@ -239,3 +239,9 @@ def test_saved_lora_carries_kohya_metadata_and_output_name(tmp_path):
         assert meta["sshs_model_hash"] == model_hash       # only ss_* metadata differs: same tensor bytes
         assert meta["sshs_legacy_hash"] == hashlib.sha256(b"").hexdigest()[:8]   # a file under 1 MiB
         assert load_lora_state(path).modules     # still loads
+
+
+def test_no_alias_shadows_one_of_our_options():
+    from jdiffusion_lora.train.aliases import ALIASES, IGNORED, NO_EQUIVALENT
+    from jdiffusion_lora.train.config import FIELD_TYPES
+    assert not [n for n in [*ALIASES, *IGNORED, *NO_EQUIVALENT] if n in FIELD_TYPES]

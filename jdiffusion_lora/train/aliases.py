@@ -90,12 +90,6 @@ def _save_precision(v) -> Dict[str, Any]:
     return {"save_dtype": table[str(v)]}
 
 
-def _mixed_precision(v) -> Dict[str, Any]:
-    if str(v) not in ("no", "fp16", "bf16"):
-        raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {v!r}")
-    return {}   # training runs in float32 here (the note says so)
-
-
 def _log_with(v) -> Dict[str, Any]:
     if str(v) not in ("tensorboard", "all"):
         raise ValueError(f"log_with {v!r}: only TensorBoard logs are written here (tensorboard = true)")
@@ -159,7 +153,6 @@ ALIASES: Dict[str, Alias] = {
     "adam_weight_decay": Alias(D, same("weight_decay")),
     "lr_scheduler_num_cycles": Alias(K, same("lr_num_cycles")),
     "lr_scheduler_power": Alias(K, same("lr_power")),
-    "mixed_precision": Alias(KD, _mixed_precision),
     # checkpoints, logs, samples
     "save_every_n_steps": Alias(K, same("save_every")),
     "checkpointing_steps": Alias(D, same("save_every")),
@@ -185,7 +178,7 @@ IGNORED: Dict[str, str] = {
     "persistent_data_loader_workers": "images are loaded in the training process",
     "lowram": "no effect on Jittor",
     "highvram": "no effect on Jittor",
-    "no_half_vae": "the VAE runs in float32 here",
+    "no_half_vae": "the VAE follows mixed_precision here",
     "save_state": "every checkpoint holds the full training state",
     "use_safetensors": "files are always safetensors",
     "v2": "SD 2.x is recognised from the model's own config",
@@ -205,8 +198,8 @@ NO_EQUIVALENT: Dict[str, str] = {
     "network_weights": "not supported: a run starts from a fresh LoRA or resumes a checkpoint (resume)",
     "dataset_config": "not supported: give data_root and the caption options",
     "use_8bit_adam": "not supported: optimizers are Jittor's (AdamW, Adam, SGD, RMSprop, Adan)",
-    "full_fp16": "not supported: training runs in float32",
-    "full_bf16": "not supported: training runs in float32",
+    "full_fp16": "not supported: give mixed_precision (LoRA, optimizer state and loss stay float32)",
+    "full_bf16": "not supported: give mixed_precision (LoRA, optimizer state and loss stay float32)",
 }
 
 
@@ -221,8 +214,6 @@ def _show(value: Any) -> str:
 def _note(name: str, value: Any, changes: Dict[str, Any]) -> str:
     alias = ALIASES[name]
     given = f"{alias.source}'s --{name}" + ("" if alias.switch and value is True else f" {_show(value)}")
-    if name == "mixed_precision" and str(value) != "no":
-        return f"{given}: training runs in float32 here (save_dtype sets the file dtype)"
     if not changes:
         return f"{given}: accepted, nothing to change here"
     return f"{given} is our " + ", ".join(f"{k} = {_show(v)}" for k, v in changes.items())

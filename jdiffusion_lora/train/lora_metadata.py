@@ -61,7 +61,7 @@ def training_metadata(c, data, *, prediction_type: str, network_dim: int, networ
         "ss_network_dropout": c.lora_dropout,
         "ss_network_args": json.dumps({"unet_targets": list(c.unet_targets),
                                        "text_encoder_targets": list(c.text_encoder_targets)}),
-        "ss_mixed_precision": "no",
+        "ss_mixed_precision": c.mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": base_model_version == "sd_v2",
         "ss_base_model_version": base_model_version,
