@@ -195,31 +195,46 @@ def remove_stale_temp_files(folder: str) -> List[str]:
     return removed
 
 
-def save_safetensors(tensors: Dict[str, np.ndarray], path: str, metadata: Optional[Dict[str, str]] = None,
-                     dtype: Optional[str] = None) -> None:
-    """Write `tensors` to `path` atomically. `dtype` in {None, "fp32", "fp16", "bf16"} casts floats."""
-    header, blobs, offset = {}, [], 0
-    for name in sorted(tensors):
+# The safetensors library writes tensors by dtype, widest first (its dtype enum, descending), then by name.
+_ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64",
+             "I64", "U64")
+
+
+def safetensors_bytes(tensors: Dict[str, np.ndarray], metadata: Optional[Dict[str, str]] = None,
+                      dtype: Optional[str] = None) -> list:
+    """The bytes of a safetensors file as chunks [length, header, tensor data...], laid out as the
+    safetensors library lays them out (so hashes of the data match files written by PyTorch tools).
+    `dtype` in {None, "fp32", "fp16", "bf16"} casts floats."""
+    entries = []
+    for name in tensors:
         arr = np.asarray(tensors[name])
         if dtype is not None and np.issubdtype(arr.dtype, np.floating):
             if dtype == "bf16":
                 st, raw = "BF16", float32_to_bf16_bits(arr).astype("<u2").tobytes()
             else:
-                np_dt = {"fp32": np.float32, "fp16": np.float16}[dtype]
-                arr = arr.astype(np_dt)
+                arr = arr.astype({"fp32": np.float32, "fp16": np.float16}[dtype])
                 st, raw = _NP_TO_ST[arr.dtype], arr.astype(arr.dtype.newbyteorder("<")).tobytes()
         else:
             if arr.dtype not in _NP_TO_ST:
                 raise WeightsError(f"cannot save tensor {name!r} of dtype {arr.dtype}")
             st, raw = _NP_TO_ST[arr.dtype], np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
-        header[name] = {"dtype": st, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
+        entries.append((name, st, list(arr.shape), raw))
+    entries.sort(key=lambda e: (-_ST_ORDER.index(e[1]), e[0]))
+    header, offset = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    for name, st, shape, raw in entries:
+        header[name] = {"dtype": st, "shape": shape, "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     head += b" " * (-len(head) % 8)
-    atomic_write_bytes(path, [struct.pack("<Q", len(head)), head, *blobs])
+    return [struct.pack("<Q", len(head)), head, *(e[3] for e in entries)]
+
+
+def save_safetensors(tensors: Dict[str, np.ndarray], path: str, metadata: Optional[Dict[str, str]] = None,
+                     dtype: Optional[str] = None) -> None:
+    """Write `tensors` to `path` atomically. `dtype` in {None, "fp32", "fp16", "bf16"} casts floats."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata, dtype))
 
 
 # --------------------------------------------------------------------------- torch pickles

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
     from ..train.config import add_arguments
     p = subparsers.add_parser("train", help="train a style LoRA (one style or a pack of styles)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="TOML file with the options (tables only group keys)")
+    p.add_argument("--config", "--config_file", default=None,
+                   help="TOML file with the options (tables only group keys; kohya's names are read too)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as TOML and exit")
     p.add_argument("--dry-run", action="store_true",
                    help="resolve the data, print every caption, the plan, parameter counts and a memory "
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..train.config import build_config, overrides_from_args, to_toml
-    config = build_config(args.config, overrides_from_args(args))
+    config = build_config(args.config, overrides_from_args(args),
+                          note=lambda line: print(f"note: {line}", file=sys.stderr))
     if args.print_config:
         print(to_toml(config), end="")
         return 0

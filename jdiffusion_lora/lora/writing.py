@@ -172,7 +172,9 @@ def save_lora_state(state: LoraState, path: str, format: str = "diffusers", dtyp
     """Write `state` as a safetensors file (atomically). `path` may be a folder (diffusers' file name).
 
     format: "diffusers" or "kohya"; dtype: "fp32", "fp16", "bf16" or None (keep array dtypes).
-    metadata: extra header entries (kohya: `ss_*` training settings). Returns the file path.
+    metadata: extra header entries (kohya: `ss_*` training settings). Both formats get the
+    sshs_model_hash / sshs_legacy_hash that A1111 indexes LoRA files by (lora/metadata.py).
+    Returns the file path.
     """
     if os.path.isdir(path) or not os.path.splitext(path)[1]:
         path = os.path.join(path, LORA_WEIGHT_NAMES[0])
@@ -188,7 +190,8 @@ def save_lora_state(state: LoraState, path: str, format: str = "diffusers", dtyp
     else:
         raise ValueError(f"format must be 'diffusers' or 'kohya', got {format!r}")
     tensors.update(bundle_embedding_tensors(state.embeddings))
-    save_safetensors(tensors, path, metadata=header, dtype=dtype)
+    from .metadata import with_hashes
+    save_safetensors(tensors, path, metadata=with_hashes(tensors, header, dtype), dtype=dtype)
     return path
 
 

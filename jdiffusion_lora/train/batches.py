@@ -5,8 +5,10 @@ permutation of all (style, image) pairs each pass) and owns the numpy streams `s
     STREAM_DATA   flip, crop box, caption (in this order)
     STREAM_VAE    the draw from the VAE posterior
     STREAM_NOISE  timestep, noise, input perturbation
-So a sample does not depend on the batch it falls in. Latents come through the VAE posterior cache
-(`cache.LatentCache`): every (image, crop box, flip) is encoded once.
+So a sample does not depend on the batch it falls in. With `enable_bucket` the order is buckets.BucketOrder
+(every batch from one aspect-ratio bucket) and each image is resized and cropped into its bucket's frame.
+Latents come through the VAE posterior cache (`cache.LatentCache`): every (image, frame, crop box, flip)
+is encoded once.
 
     builder = SampleBuilder(config, data, vae, num_train_timesteps, class_images)
     samples = builder.micro_batch(step, micro)      # -> [Sample] (instances, then class images)
@@ -23,6 +25,7 @@ from .._runtime import jt
 from ..models.modeling import to_model_dtype
 from ..image_files import list_images, save_png
 from . import distributed as dist
+from .buckets import BucketOrder, Frame, cover, make_buckets
 from .cache import LatentCache, latent_key, sample_latent, vae_fingerprint
 from .captions import CaptionOptions, caption_parts, render_caption, split_tags
 from .data import (STREAM_CLASS, STREAM_DATA, STREAM_NOISE, STREAM_VAE, STREAM_VALIDATION, DataError,
@@ -43,6 +46,7 @@ class Sample:
     timestep: int
     perturbation: Optional[np.ndarray] = None
     is_class: bool = False
+    size: Optional[tuple] = None  # (W, H) in pixels: the bucket (or the square resolution)
 
 
 def caption_parts_for(c, style, rec: ImageRecord, flip: bool):
@@ -65,21 +69,29 @@ class Augmented:
     flip: bool
     box: tuple
     caption: str
+    frame: Frame
 
 
-def augment(c, data, records: Sequence[ImageRecord], order: SampleOrder, opts: CaptionOptions, index: int,
-            step: int) -> Augmented:
+def frame_for(c, buckets, size) -> Frame:
+    """How an image of `size` is resized and cropped: into its bucket, or square at `resolution`."""
+    if buckets is not None:
+        return buckets.frame_of(size)
+    return Frame(resized_size(size[0], size[1], c.resolution), (c.resolution, c.resolution))
+
+
+def augment(c, data, records: Sequence[ImageRecord], order, opts: CaptionOptions, index: int,
+            step: int, buckets=None) -> Augmented:
     """Which image sample `index` is and how it is augmented (flip, crop box, caption): a function of
     (seed, index, step) only. Draw order in the sample's data stream: flip, crop, caption."""
     pass_index, item = order(index)
     rec = records[item]
     rng = sample_rng(c.seed, index, STREAM_DATA)
     flip = bool(rng.random() < c.flip_p)
-    w, h = resized_size(rec.size[0], rec.size[1], c.resolution)
-    box = crop_box(w, h, c.resolution, c.crop, rng)
+    frame = buckets.frames[item] if buckets is not None else frame_for(c, None, rec.size)
+    box = crop_box(frame.resized[0], frame.resized[1], frame.size, c.crop, rng)
     caption = render_caption(caption_parts_for(c, data.style(rec.style), rec, flip), opts, rng,
                              epoch=pass_index + 1, step=step)
-    return Augmented(rec, pass_index, flip, box, caption)
+    return Augmented(rec, pass_index, flip, box, caption, frame)
 
 
 class SampleBuilder:
@@ -89,7 +101,11 @@ class SampleBuilder:
         self.c = c
         self.data = data
         self.records: List[ImageRecord] = data.records
-        self.order = SampleOrder(len(self.records), c.seed)
+        self.buckets = make_buckets([r.size for r in self.records], c) if c.enable_bucket else None
+        if self.buckets is not None:
+            self.order = BucketOrder(self.buckets, c.train_batch_size, c.seed)
+        else:
+            self.order = SampleOrder(len(self.records), c.seed)
         self.caption_options = CaptionOptions.from_config(c)
         self.class_images = list(class_images)
         self.vae = vae
@@ -107,29 +123,32 @@ class SampleBuilder:
         first = ((step * self.world + self.rank) * self.accum + micro) * c.train_batch_size
         samples = [self.instance(first + j, step) for j in range(c.train_batch_size)]
         if c.with_prior_preservation:
-            samples += [self.class_sample(first + j) for j in range(c.train_batch_size)]
+            size = samples[0].size if self.buckets is not None else None
+            samples += [self.class_sample(first + j, size) for j in range(c.train_batch_size)]
         return samples
 
     def instance(self, index: int, step: int) -> Sample:
         c = self.c
-        aug = augment(c, self.data, self.records, self.order, self.caption_options, index, step)
-        moments = self.moments(aug.record.path, aug.box, aug.flip)
+        aug = augment(c, self.data, self.records, self.order, self.caption_options, index, step, self.buckets)
+        moments = self.moments(aug.record.path, aug.frame, aug.box, aug.flip)
         shape = (moments.shape[0] // 2,) + moments.shape[1:]
         draw = sample_rng(c.seed, index, STREAM_VAE).standard_normal(shape, dtype=np.float32)
         latent = sample_latent(moments, draw, self.scaling_factor)
         t, noise, pert = self.noise(index, shape)
-        return Sample(index, aug.record.path, aug.caption, latent, noise, t, pert)
+        return Sample(index, aug.record.path, aug.caption, latent, noise, t, pert, size=aug.frame.size)
 
-    def class_sample(self, index: int) -> Sample:
+    def class_sample(self, index: int, size=None) -> Sample:
+        """Prior-preservation sample `index`: square at `resolution`, or fitted to `size` (the bucket of
+        the instance samples it shares a batch with)."""
         c = self.c
         rng = sample_rng(c.seed, index, STREAM_CLASS)
         path = self.class_images[int(rng.integers(len(self.class_images)))]
         from PIL import Image
         with Image.open(path) as im:
-            size = im.size
-        w, h = resized_size(size[0], size[1], c.resolution)
-        box = crop_box(w, h, c.resolution, c.crop, rng)
-        moments = self.moments(path, box, False)
+            image_size = im.size
+        frame = frame_for(c, None, image_size) if size is None else Frame(cover(*image_size, size), tuple(size))
+        box = crop_box(frame.resized[0], frame.resized[1], frame.size, c.crop, rng)
+        moments = self.moments(path, frame, box, False)
         shape = (moments.shape[0] // 2,) + moments.shape[1:]
         latent = sample_latent(moments, rng.standard_normal(shape, dtype=np.float32), self.scaling_factor)
         t, noise, pert = self.noise(index + CLASS_OFFSET, shape)
@@ -146,11 +165,11 @@ class SampleBuilder:
         c = self.c
         for j, rec in enumerate([r for r in records for _ in range(repeats)]):
             rng = sample_rng(seed, j, STREAM_VALIDATION)
-            w, h = resized_size(rec.size[0], rec.size[1], c.resolution)
-            box = crop_box(w, h, c.resolution, "center", rng)
+            frame = frame_for(c, self.buckets, rec.size)
+            box = crop_box(frame.resized[0], frame.resized[1], frame.size, "center", rng)
             parts = caption_parts_for(c, self.data.style(rec.style), rec, False)
             caption = render_caption(parts, CaptionOptions(), rng)
-            moments = self.moments(rec.path, box, False)
+            moments = self.moments(rec.path, frame, box, False)
             shape = (moments.shape[0] // 2,) + moments.shape[1:]
             latent = sample_latent(moments, rng.standard_normal(shape, dtype=np.float32), self.scaling_factor)
             t = int(rng.integers(0, self.num_train_timesteps))
@@ -167,13 +186,19 @@ class SampleBuilder:
 
     # ------------------------------------------------------------------ latents
 
-    def moments(self, path: str, box, flip: bool) -> np.ndarray:
-        """VAE posterior parameters (2C, h, w) of one cropped, maybe flipped image (cached)."""
+    def frame_key(self, frame: Frame):
+        """The resolution part of a latent-cache key: the square resolution, or the bucket and resize."""
+        if self.buckets is None:
+            return self.c.resolution
+        return f"{frame.size[0]}x{frame.size[1]} from {frame.resized[0]}x{frame.resized[1]}"
+
+    def moments(self, path: str, frame: Frame, box, flip: bool) -> np.ndarray:
+        """VAE posterior parameters (2C, h, w) of one resized, cropped, maybe flipped image (cached)."""
         c = self.c
-        key = latent_key(path, c.resolution, box, flip, self.vae_id)
+        key = latent_key(path, self.frame_key(frame), box, flip, self.vae_id)
 
         def encode():
-            image = pixels(load_rgb(path, c.alpha_background), c.resolution, box, flip)
+            image = pixels(load_rgb(path, c.alpha_background), frame.size, box, flip, frame.resized)
             return self.encode_pixels(image[None])[0]
 
         return self.latent_cache.get_or_encode(key, encode)
@@ -186,28 +211,31 @@ class SampleBuilder:
         return out.astype(np.float32)
 
     def precache(self) -> None:
-        """Encode, `vae_batch_size` at a time, every (image, flip) whose crop is fixed (no random choice).
-        Under mpirun a disk cache is filled by rank 0 alone; the other ranks wait, then read it."""
+        """Encode, `vae_batch_size` at a time, every (image, flip) whose crop is fixed (no random choice);
+        with buckets, one bucket at a time (a VAE batch holds one size). Under mpirun a disk cache is filled
+        by rank 0 alone; the other ranks wait, then read it."""
         c = self.c
         shared = c.cache_latents == "disk" and dist.active()
         if shared and not dist.is_writer():
             return dist.barrier("waiting for rank 0's latent cache", timeout=0)
-        todo = []
-        for rec in self.records:
-            w, h = resized_size(rec.size[0], rec.size[1], c.resolution)
-            if c.crop == "random" and (w, h) != (c.resolution, c.resolution):
+        todo: dict = {}
+        for item, rec in enumerate(self.records):
+            frame = self.buckets.frames[item] if self.buckets is not None else frame_for(c, None, rec.size)
+            if c.crop == "random" and frame.resized != frame.size:
                 continue  # random crops are encoded when drawn
-            box = crop_box(w, h, c.resolution, "center", np.random.default_rng(0))
+            box = crop_box(frame.resized[0], frame.resized[1], frame.size, "center", np.random.default_rng(0))
             flips = [f for f in (False, True) if (f and c.flip_p > 0) or (not f and c.flip_p < 1)]
             for flip in flips:
-                key = latent_key(rec.path, c.resolution, box, flip, self.vae_id)
+                key = latent_key(rec.path, self.frame_key(frame), box, flip, self.vae_id)
                 if self.latent_cache.get(key) is None:
-                    todo.append((key, rec.path, box, flip))
-        for i in range(0, len(todo), c.vae_batch_size):
-            chunk = todo[i:i + c.vae_batch_size]
-            batch = np.stack([pixels(load_rgb(p, c.alpha_background), c.resolution, b, f) for _, p, b, f in chunk])
-            for (key, *_), moments in zip(chunk, self.encode_pixels(batch)):
-                self.latent_cache.put(key, moments)
+                    todo.setdefault(frame.size, []).append((key, rec.path, frame, box, flip))
+        for group in todo.values():
+            for i in range(0, len(group), c.vae_batch_size):
+                chunk = group[i:i + c.vae_batch_size]
+                batch = np.stack([pixels(load_rgb(p, c.alpha_background), fr.size, b, f, fr.resized)
+                                  for _, p, fr, b, f in chunk])
+                for (key, *_), moments in zip(chunk, self.encode_pixels(batch)):
+                    self.latent_cache.put(key, moments)
         if shared:
             dist.barrier("waiting for rank 0's latent cache", timeout=0)
 

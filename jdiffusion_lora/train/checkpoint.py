@@ -12,6 +12,9 @@
                 state.json                    step, samples seen, config; written last
         latest                                the name of the newest complete checkpoint
 
+With `output_name` (kohya's option) the kohya file is `<output_name>.safetensors`, and so is the diffusers
+file when it is the only format (with both, the diffusers file is `<output_name>_diffusers.safetensors`).
+
 A checkpoint folder is written under a temporary name and renamed when every file in it is on
 disk; only then does `latest` (itself written atomically) point at it. A crash, a full disk or a
 kill at any moment leaves the previous checkpoint as the latest, never a half-written one.
@@ -26,7 +29,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional
+import time
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -47,6 +51,15 @@ PREFIX = "checkpoint-"
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def lora_file_name(fmt: str, output_name: str, formats: Sequence[str]) -> str:
+    """The file name of the LoRA in format `fmt` (see the module docstring)."""
+    if not output_name:
+        return LORA_FILES[fmt]
+    if fmt == "kohya" or len(formats) == 1:
+        return f"{output_name}.safetensors"
+    return f"{output_name}_diffusers.safetensors"
 
 
 def checkpoint_root(output_dir: str) -> str:
@@ -252,20 +265,23 @@ def lora_state(t: "Trainer", arrays: Optional[Dict[str, np.ndarray]] = None):
     return state
 
 
-def write_lora_files(t: "Trainer", folder: str, arrays: Optional[Dict[str, np.ndarray]] = None) -> List[str]:
-    """Write the LoRA into `folder` in every format of `save_formats`; returns the paths."""
+def write_lora_files(t: "Trainer", folder: str, arrays: Optional[Dict[str, np.ndarray]] = None,
+                     step: Optional[int] = None) -> List[str]:
+    """Write the LoRA into `folder` in every format of `save_formats`, each with the ss_* / modelspec.*
+    metadata A1111 and ComfyUI show (lora_metadata.py); returns the paths."""
     from ..lora.writing import save_lora_state
+    from .lora_metadata import training_metadata
     c = t.c
     state = lora_state(t, arrays)
+    buckets = t.batches.buckets
+    extra = training_metadata(
+        c, t.data, prediction_type=t.prediction_type, network_dim=ad.total_rank(c, t.n_styles),
+        network_alpha=t.alpha, base_model_version="sd_v2" if t.text_encoder.config.hidden_size == 1024 else "sd_v1",
+        started_at=t.started_at, finished_at=time.time(), step=c.max_train_steps if step is None else step,
+        bucket_info=buckets.info() if buckets is not None else None)
     paths = []
     for fmt in c.save_formats:
-        extra = None
-        if fmt == "kohya":
-            extra = {"ss_seed": str(c.seed), "ss_resolution": f"({c.resolution}, {c.resolution})",
-                     "ss_learning_rate": str(c.learning_rate), "ss_max_train_steps": str(c.max_train_steps),
-                     "ss_num_train_images": str(len(t.records)),
-                     "ss_training_comment": "triggers: " + ",".join(s.trigger for s in t.data.styles)}
-        path = os.path.join(folder, LORA_FILES[fmt])
+        path = os.path.join(folder, lora_file_name(fmt, c.output_name, c.save_formats))
         with writing(path):
             paths.append(save_lora_state(state, path, format=fmt, dtype=c.save_dtype, metadata=extra))
     return paths
@@ -301,10 +317,10 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
     c = t.c
 
     def write(folder):
-        write_lora_files(t, folder)
+        write_lora_files(t, folder, step=step)
         extra = {}
         if t.ema is not None:
-            write_lora_files(t, os.path.join(folder, "ema"), ema_arrays(t))
+            write_lora_files(t, os.path.join(folder, "ema"), ema_arrays(t), step=step)
             extra.update({f"ema.{n}": e.numpy() for n, e in zip(t.param_names, t.ema)})
         if getattr(t, "ti", None) is not None:
             extra["ti.vectors"] = t.ti.vectors.numpy()
@@ -328,7 +344,8 @@ def save_checkpoint(t: "Trainer", step: int) -> str:
 
 # The batch split may change (train_batch_size, accumulation, world size): the global batch is kept instead.
 RESUME_MUST_MATCH = ("seed", "rank", "pack_rank", "unet_targets", "text_encoder_targets", "optimizer", "lora_init",
-                     "textual_inversion", "ti_num_vectors")
+                     "textual_inversion", "ti_num_vectors", "enable_bucket", "bucket_no_upscale",
+                     "bucket_reso_steps", "min_bucket_reso", "max_bucket_reso")
 
 
 def restore(t: "Trainer", checkpoint: str) -> None:

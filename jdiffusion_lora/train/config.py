@@ -3,7 +3,9 @@
 Every field can be set in a TOML file, at the top level or inside any table (tables only group
 keys for the reader: `[optim] learning_rate = 1e-4` and `learning_rate = 1e-4` mean the same),
 and on the command line as `--learning-rate 1e-4` (booleans: `--flag` / `--no-flag`; lists:
-comma-separated). Unknown keys are errors, so a typo never silently falls back to a default.
+comma-separated, except sample prompts: `--sample-prompt` once per prompt). Unknown keys are errors,
+so a typo never silently falls back to a default. kohya's and diffusers' names are read as ours, with a
+note naming ours (train/aliases.py).
 """
 from __future__ import annotations
 
@@ -12,9 +14,15 @@ import math
 import os
 import re
 import sys
-import tomllib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, get_args, get_origin, get_type_hints
+from typing import Any, Callable, Dict, List, Optional, get_args, get_origin, get_type_hints
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.9 / 3.10: the same parser as a package (a dependency there)
+    import tomli as tomllib
+
+from .aliases import ALIASES, IGNORED, NO_EQUIVALENT, SWITCHES_IGNORED, kohya_values, translate
 
 from ..configuration import ConfigError
 
@@ -28,6 +36,7 @@ class TrainConfig:
     max_train_steps: int = 1000           # optimizer steps
     prediction_type: str = ""             # "" = the base model's scheduler config; epsilon | v_prediction
     resume: str = ""                      # "" | "latest" | path of a checkpoint folder
+    output_name: str = ""                 # names the LoRA files: <output_name>.safetensors ("" = see below)
     overwrite: bool = False               # a fresh run may delete the checkpoints already in output_dir
 
     # ------------------------------------------------------------------ data
@@ -41,6 +50,13 @@ class TrainConfig:
     alpha_background: str = "white"       # RGBA images are composited on white | black
     bad_image_policy: str = "skip"        # skip | error: unreadable, empty or corrupt image files
     small_image_policy: str = "upscale"   # upscale | skip | error: images smaller than `resolution`
+    # Aspect-ratio buckets (kohya's): each image trains at the bucket (W, H), W*H <= resolution**2, closest
+    # to its aspect ratio; every batch is drawn from one bucket (train/buckets.py).
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False       # buckets from the image's own size (downscaled only), no fixed table
 
     # ------------------------------------------------------------------ captions
     use_style_tags: bool = True           # tag.json "style"
@@ -148,8 +164,8 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     sample_every: int = 0                 # steps; 0 = off
-    sample_prompts: List[str] = field(default_factory=list)
-    sample_prompts_file: str = ""         # one prompt a line
+    sample_prompts: List[str] = field(default_factory=list)   # command line: --sample-prompt, once per prompt
+    sample_prompts_file: str = ""         # kohya's format: a prompt a line, with --n --w --h --d --l --s options
     sample_seed: int = 114514
     sample_steps: int = 20
     sample_guidance: float = 7.5
@@ -345,16 +361,34 @@ def renamed_config(path: str) -> str:
     return path
 
 
-def build_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> TrainConfig:
+def read_values(values: Dict[str, Any]) -> tuple:
+    """One source's raw values (a file's or the command line's) -> (values under our names, notes)."""
+    try:
+        values, notes = translate(values, coerce)
+        values, more = kohya_values(values)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return values, notes + more
+
+
+def build_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None,
+                 note: Optional[Callable[[str], None]] = None) -> TrainConfig:
     """Defaults <- TOML file <- overrides (already parsed, e.g. from the command line). Validated.
 
-    Paths in the file are relative to the working directory, as on the command line.
+    Paths in the file are relative to the working directory, as on the command line. kohya / diffusers
+    names are translated (train/aliases.py); `note` receives one line per translation.
     """
     path = renamed_config(path) if path else path
-    values: Dict[str, Any] = dict(load_toml(path)) if path else {}
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    values, notes = read_values(load_toml(path)) if path else ({}, [])
+    given, more = read_values({k: v for k, v in (overrides or {}).items() if v is not None})
+    values.update(given)
     config = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
     validate(config)
+    for line in notes + more:
+        if note is not None:
+            note(line)
     return config
 
 
@@ -385,6 +419,15 @@ def validate(c: TrainConfig) -> None:
         raise ConfigError("textual_inversion learns each style's trigger token: set trigger_template")
     if c.ti_num_vectors < 1:
         raise ConfigError(f"ti_num_vectors must be >= 1, got {c.ti_num_vectors}")
+    if c.output_name and (os.sep in c.output_name or c.output_name in (".", "..") or
+                          c.output_name.endswith(".safetensors")):
+        raise ConfigError(f"output_name is a file name without folder or extension, got {c.output_name!r}")
+    if c.enable_bucket:
+        if c.bucket_reso_steps < 8 or c.bucket_reso_steps % 8:
+            raise ConfigError(f"bucket_reso_steps must be a multiple of 8, got {c.bucket_reso_steps}")
+        if not c.bucket_reso_steps <= c.min_bucket_reso <= c.resolution <= c.max_bucket_reso:
+            raise ConfigError(f"buckets need bucket_reso_steps <= min_bucket_reso <= resolution <= max_bucket_reso, "
+                              f"got {c.bucket_reso_steps}, {c.min_bucket_reso}, {c.resolution}, {c.max_bucket_reso}")
 
 
 def to_toml(c: TrainConfig) -> str:
@@ -415,7 +458,8 @@ def as_dict(c: TrainConfig) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------- command line
 
 def add_arguments(parser) -> None:
-    """One `--option` per config field (default None: only options given override the file)."""
+    """One `--option` per config field (default None: only options given override the file), plus the
+    kohya / diffusers names of train/aliases.py."""
     import argparse
     accept_negative_numbers(parser)
     group = parser.add_argument_group("config options (override the TOML file)")
@@ -426,12 +470,42 @@ def add_arguments(parser) -> None:
         names = [flag] if alias == flag else [flag, alias]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"(default: {default!r})"
-        if tp is bool:
+        if f.name == "sample_prompts":   # a prompt may hold commas: one flag per prompt
+            group.add_argument("--sample-prompt", dest="cfg_sample_prompts", action="append", default=None,
+                               metavar="PROMPT", help="a sample prompt (repeat the flag for more)")
+        elif f.name == "sample_prompts_file":   # kohya's --sample_prompts names a file
+            group.add_argument(*names, "--sample-prompts", "--sample_prompts", dest=f"cfg_{f.name}", default=None,
+                               metavar="FILE", help="prompt file, kohya's format (--n --w --h --d --l --s per line)")
+        elif f.name == "cache_latents":  # kohya: a switch
+            group.add_argument(*names, dest=f"cfg_{f.name}", nargs="?", const="memory", default=None,
+                               metavar="none|memory|disk", help=help_text + "; alone: memory (kohya's switch)")
+        elif tp is bool:
             group.add_argument(*names, dest=f"cfg_{f.name}", action=argparse.BooleanOptionalAction, default=None,
                                help=help_text)
         else:
             meta = "A,B,..." if _is_list(tp) else f.name.upper()
             group.add_argument(*names, dest=f"cfg_{f.name}", default=None, metavar=meta, help=help_text)
+    kohya = parser.add_argument_group("kohya sd-scripts / diffusers example names (each prints a note naming ours)")
+    for name, a in ALIASES.items():
+        if a.switch:
+            kohya.add_argument("--" + name, dest=f"alias_{name}", action="store_const", const=True, default=None,
+                               help=f"{a.source}'s switch")
+        elif name == "optimizer_args":
+            kohya.add_argument("--" + name, dest=f"alias_{name}", nargs="+", default=None, metavar="KEY=VALUE",
+                               help=f"{a.source}'s name")
+        else:
+            kohya.add_argument("--" + name, dest=f"alias_{name}", default=None, metavar="VALUE",
+                               help=f"{a.source}'s name")
+    for name, why in IGNORED.items():
+        if name in SWITCHES_IGNORED:
+            kohya.add_argument("--" + name, dest=f"alias_{name}", action="store_const", const=True, default=None,
+                               help=f"ignored: {why}")
+        else:
+            kohya.add_argument("--" + name, dest=f"alias_{name}", default=None, metavar="VALUE",
+                               help=f"ignored: {why}")
+    for name, why in NO_EQUIVALENT.items():   # recognised, so that the error says what to do instead
+        kohya.add_argument("--" + name, dest=f"alias_{name}", nargs="?", const=True, default=None,
+                           help=argparse.SUPPRESS)
 
 
 # argparse takes "-1e-3" for an option name unless told that such strings are numbers.
@@ -444,4 +518,7 @@ def accept_negative_numbers(parser) -> None:
 
 
 def overrides_from_args(args) -> Dict[str, Any]:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    """The options given on the command line, by name (ours, or an alias's: build_config translates)."""
+    out = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    out.update({k[6:]: v for k, v in vars(args).items() if k.startswith("alias_") and v is not None})
+    return out

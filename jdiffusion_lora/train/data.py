@@ -187,8 +187,11 @@ def _load_style(name: str, folder: str, layout: str, c, llm: dict, notes: List[s
                 raise DataError(message + " (bad_image_policy = 'error')")
             notes.append(message + "; skipped")
             continue
-        if min(size) < c.resolution:
-            message = f"{path}: {size[0]}x{size[1]} is smaller than the training resolution {c.resolution}"
+        small = (size[0] * size[1] < c.resolution ** 2 and not c.bucket_no_upscale) if c.enable_bucket \
+            else min(size) < c.resolution
+        if small:
+            message = f"{path}: {size[0]}x{size[1]} is smaller than the training resolution {c.resolution}" + \
+                (" (area, with buckets)" if c.enable_bucket else "")
             if c.small_image_policy == "error":
                 raise DataError(message + " (small_image_policy = 'error')")
             if c.small_image_policy == "skip":
@@ -259,26 +262,34 @@ def resized_size(width: int, height: int, size: int) -> Tuple[int, int]:
     return max(size, int(size * width / height)), size
 
 
-def crop_box(width: int, height: int, size: int, mode: str, rng: np.random.Generator) -> Tuple[int, int]:
-    """(left, top) of a size x size crop of a (width, height) image.
+def crop_box(width: int, height: int, size, mode: str, rng: np.random.Generator) -> Tuple[int, int]:
+    """(left, top) of a crop of `size` (an int: square, or (W, H): a bucket) from a (width, height) image.
 
     "random" draws two integers from `rng`; "center" draws them too (and ignores them) so that
     the other draws of a sample do not depend on the crop mode.
     """
-    rx = int(rng.integers(0, width - size + 1))
-    ry = int(rng.integers(0, height - size + 1))
+    sw, sh = (size, size) if isinstance(size, int) else size
+    rx = int(rng.integers(0, width - sw + 1))
+    ry = int(rng.integers(0, height - sh + 1))
     if mode == "center":
-        return int(round((width - size) / 2.0)), int(round((height - size) / 2.0))
+        return int(round((width - sw) / 2.0)), int(round((height - sh) / 2.0))
     return rx, ry
 
 
-def pixels(im: Image.Image, size: int, box: Tuple[int, int], flip: bool) -> np.ndarray:
-    """RGB image -> resized, cropped at `box`, maybe flipped: (3, size, size) float32 in [-1, 1]."""
-    w, h = resized_size(im.size[0], im.size[1], size)
+def pixels(im: Image.Image, size, box: Tuple[int, int], flip: bool, resized=None) -> np.ndarray:
+    """RGB image -> resized, cropped at `box`, maybe flipped: (3, H, W) float32 in [-1, 1].
+
+    size: an int (resize the short side to it, square crop) or (W, H) with `resized` = (w, h), the size
+    to resize to before the crop (a bucket, see buckets.py)."""
+    if isinstance(size, int):
+        sw, sh = size, size
+        w, h = resized_size(im.size[0], im.size[1], size)
+    else:
+        (sw, sh), (w, h) = size, resized
     if (w, h) != im.size:
         im = im.resize((w, h), Image.BILINEAR)   # antialiased, like torchvision's Resize on PIL images
     left, top = box
-    arr = np.asarray(im, dtype=np.float32)[top:top + size, left:left + size]   # (H, W, 3)
+    arr = np.asarray(im, dtype=np.float32)[top:top + sh, left:left + sw]   # (H, W, 3)
     if flip:
         arr = arr[:, ::-1]
     return np.ascontiguousarray((arr / 127.5 - 1.0).transpose(2, 0, 1))

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import adapters as ad
 from .captions import CaptionOptions, token_length, truncated_text
+from .buckets import BucketOrder, make_buckets
 from .data import SampleOrder, discover
 from .adapters import LoraPair
 from .optim import lr_lambda, pair_learning_rates
@@ -97,19 +98,32 @@ def dry_run(c, printer: Callable[[str], None] = print) -> int:
         out(f"  style {s.name} ({s.layout}): trigger {s.trigger!r}, {n} image(s), style tags {s.style_tags}, "
             f"{len(s.prompts)} prompt(s)")
 
+    buckets = None
+    if c.enable_bucket:
+        buckets = make_buckets([r.size for r in data.records], c)
+        order = BucketOrder(buckets, c.train_batch_size, c.seed)
+        out("")
+        out(f"aspect-ratio buckets ({len(buckets.sizes)}; area <= {c.resolution}x{c.resolution}, step "
+            f"{c.bucket_reso_steps}, {c.min_bucket_reso}..{c.max_bucket_reso}"
+            + (", no upscaling" if c.bucket_no_upscale else "") + f"; a pass is {order.pass_length} samples, "
+            f"batches of {c.train_batch_size} from one bucket):")
+        for line in buckets.table([f"{r.style}/{os.path.basename(r.path)}" for r in data.records]):
+            out(line)
+    else:
+        order = SampleOrder(len(data.records), c.seed)
+
     out("")
     out("captions (each image at its first appearance in pass 1, exactly as trained):")
-    order = SampleOrder(len(data.records), c.seed)
     opts = CaptionOptions.from_config(c)
     per_step = c.train_batch_size * c.gradient_accumulation_steps
     first_seen: Dict[int, int] = {}
-    for pos in range(len(data.records)):
+    for pos in range(getattr(order, "pass_length", len(data.records))):
         _, item = order(pos)
         first_seen.setdefault(item, pos)
     longest = 0
     for item, rec in enumerate(data.records):
         index = first_seen[item]
-        aug = augment(c, data, data.records, order, opts, index, index // per_step)
+        aug = augment(c, data, data.records, order, opts, index, index // per_step, buckets)
         n_tokens = token_length(tokenizer, aug.caption)
         longest = max(longest, n_tokens)
         flag = " [flipped]" if aug.flip else ""

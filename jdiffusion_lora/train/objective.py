@@ -85,6 +85,9 @@ def check_model_fits(pipe, c, printer: Callable[[str], None]) -> None:
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     if c.resolution % factor:
         raise ValueError(f"resolution must be a multiple of {factor} (the VAE's downsampling), got {c.resolution}")
+    if c.enable_bucket and c.bucket_reso_steps % factor:
+        raise ValueError(f"bucket_reso_steps must be a multiple of {factor} (the VAE's downsampling), "
+                         f"got {c.bucket_reso_steps}")
 
 
 class DenoisingLoss:
@@ -134,12 +137,12 @@ class DenoisingLoss:
 
         if self.text_cache is None:
             return run(captions)
-        missing = [t for t in dict.fromkeys(captions) if self.text_cache.get(t) is None]
-        if missing:
-            with jt.no_grad():
-                out = run(missing).numpy()
-            for t, e in zip(missing, out):
-                self.text_cache.put(t, e)
+        # One caption per forward pass: a batched matmul's rows can differ in the last bit with the batch
+        # they share, and which captions meet first depends on where a run started (resume).
+        for text in dict.fromkeys(captions):
+            if self.text_cache.get(text) is None:
+                with jt.no_grad():
+                    self.text_cache.put(text, run([text]).numpy()[0])
         return jt.array(np.stack([self.text_cache.get(t) for t in captions]))
 
 

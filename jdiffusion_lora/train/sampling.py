@@ -2,54 +2,66 @@
 scores from the local scorer (`sample_scores`), and the loss curve.
 
     path = sample_images(trainer, step)     # samples/step_000200.png, logged to TensorBoard, maybe scored
+                                            # (prompts: sample_prompts.py, kohya's prompt files included)
     path = plot_loss(trainer)               # loss_curve.png (train and validation loss)
 """
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional
 
 from ..image_files import save_png
 from .logging import image_grid, plot_curves
+from .sample_prompts import sample_prompts
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
 
-def sample_prompts(c, data) -> List[Tuple[str, Optional[str], Optional[str]]]:
-    """(prompt, style name, object) per sample image; style and object are known for the default
-    prompts (one per style: trigger, style tags, its first prompt) and None for user prompts."""
-    prompts = [(p, None, None) for p in c.sample_prompts]
-    if c.sample_prompts_file:
-        with open(c.sample_prompts_file, encoding="utf-8") as f:
-            prompts += [(line.strip(), None, None) for line in f if line.strip() and not line.startswith("#")]
-    if not prompts:
-        for style in data.styles:
-            first = next(iter(style.prompts.values()), None) or (style.images[0].stem if style.images else "")
-            text = ",".join([t for t in [style.trigger, *style.style_tags, first] if t])
-            prompts.append((text, style.name, first))
-    return prompts
-
-
 def sample_images(t: "Trainer", step: int) -> str:
-    """Generate one image per sample prompt with the current LoRA; write and log the grid, score it."""
+    """Generate one image per sample prompt (sample_prompts.py) with the current LoRA, each with its own
+    size, seed, guidance, steps and negative prompt (prompts that share those are one batch); write and
+    log the grid, score it."""
     c = t.c
     items = sample_prompts(c, t.data)
-    prompts = [p for p, _, _ in items]
+    settings = [(p.width or c.resolution, p.height or c.resolution, p.steps or c.sample_steps,
+                 c.sample_guidance if p.guidance_scale is None else p.guidance_scale) for p in items]
+    seeds = [c.sample_seed + i if p.seed is None else p.seed for i, p in enumerate(items)]
+    images = [None] * len(items)
     if getattr(t, "ti", None) is not None:
         t.ti.write_back()   # the pipeline samples with the current token vectors
     with t.evaluating():
         t.pipe.set_progress_bar_config(disable=True)
-        out = t.pipe(prompts, num_inference_steps=c.sample_steps, guidance_scale=c.sample_guidance,
-                     seed=[c.sample_seed + i for i in range(len(prompts))], height=c.resolution,
-                     width=c.resolution)
-    labels = [f"{p} (seed {s})" for p, s in zip(prompts, out.seeds)]
-    grid = image_grid(out.images, labels, columns=min(4, len(prompts)), title=f"step {step}")
+        for key in dict.fromkeys(settings):
+            idx = [i for i, s in enumerate(settings) if s == key]
+            width, height, steps, guidance = key
+            out = t.pipe([items[i].prompt for i in idx], negative_prompt=[items[i].negative_prompt for i in idx],
+                         num_inference_steps=steps, guidance_scale=guidance, seed=[seeds[i] for i in idx],
+                         height=height, width=width)
+            for i, image in zip(idx, out.images):
+                images[i] = image
+    labels = [f"{p.prompt} (seed {s})" for p, s in zip(items, seeds)]
+    grid = image_grid(same_cells(images), labels, columns=min(4, len(items)), title=f"step {step}")
     path = os.path.join(c.output_dir, "samples", f"step_{step:06d}.png")
     save_png(grid, path)
     t.metrics.add_image(step, "samples", grid)
-    score_samples(t, step, items, out.images)
+    score_samples(t, step, [(p.prompt, p.style, p.object) for p in items], images)
     return path
+
+
+def same_cells(images):
+    """Images of different sizes centred on white cells of the largest size (for one grid)."""
+    from PIL import Image
+    w = max(im.size[0] for im in images)
+    h = max(im.size[1] for im in images)
+    if all(im.size == (w, h) for im in images):
+        return list(images)
+    out = []
+    for im in images:
+        cell = Image.new("RGB", (w, h), "white")
+        cell.paste(im, ((w - im.size[0]) // 2, (h - im.size[1]) // 2))
+        out.append(cell)
+    return out
 
 
 def score_samples(t: "Trainer", step: int, items, images) -> Optional[Dict[str, float]]:

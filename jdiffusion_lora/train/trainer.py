@@ -104,6 +104,9 @@ class Trainer:
             self.print(f"warning: {note}")
         class_images = prepare_class_images(c, self.pipe, self.print) if c.with_prior_preservation else []
         self.batches = SampleBuilder(c, self.data, self.vae, self.num_train_timesteps, class_images)
+        if self.batches.buckets is not None:
+            self.print(f"{len(self.batches.buckets.sizes)} aspect-ratio bucket(s):\n" + "\n".join(
+                self.batches.buckets.table([f"{r.style}/{os.path.basename(r.path)}" for r in self.records])))
         self.order, self.caption_options = self.batches.order, self.batches.caption_options
         self.latent_cache = self.batches.latent_cache
         self.world = dist.world_size()
@@ -130,6 +133,7 @@ class Trainer:
         self.ema: Optional[List] = None
         self.ga_offsets: Dict[str, tuple] = {}
         self.start_step = 0
+        self.started_at = time.time()       # kohya's ss_training_started_at
 
         resume_from = resolve_resume(c.resume, c.output_dir)
         dist.check_same_config({**as_dict(c), "images": [(r.path, list(r.size)) for r in self.records],
