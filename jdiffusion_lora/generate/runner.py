@@ -61,12 +61,15 @@ class GenerateSettings:
     vae_slicing: bool = False
     vae_tiling: bool = False
     dtype: str = "fp32"                      # "fp32" | "fp16" (CUDA only) | "bf16" (see train/precision.py)
+    low_memory: bool = False                 # bf16 weights, models loaded in turn (see StableDiffusionPipeline)
 
     def check(self) -> None:
         if self.batch_mode not in ("exact", "batched"):
             raise ValueError(f"batch mode must be 'exact' or 'batched', got {self.batch_mode!r}")
         if self.batch_size < 1 or self.steps < 1:
             raise ValueError("batch size and steps must be at least 1")
+        if self.low_memory and (self.loras or self.dtype != "fp32"):
+            raise ValueError("low_memory loads the base model only, in bfloat16: no LoRA, no dtype with it")
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
         if self.dtype == "bf16":
@@ -109,7 +112,8 @@ def job_description(settings: GenerateSettings) -> dict:
         "scheduler": settings.scheduler,
         "settings": {"steps": settings.steps, "guidance": settings.guidance, "height": settings.height,
                      "width": settings.width, "batch_mode": settings.batch_mode, "dtype": settings.dtype,
-                     "fuse_lora": settings.fuse_lora, "vae_tiling": settings.vae_tiling},
+                     "fuse_lora": settings.fuse_lora, "vae_tiling": settings.vae_tiling,
+                     **({"low_memory": True} if settings.low_memory else {})},
     }
 
 
@@ -129,7 +133,7 @@ def load_job_pipeline(settings: GenerateSettings):
 
     settings.check()
     pipe = load_pipeline(settings.model, {"fp16": "float16", "bf16": "bfloat16"}.get(settings.dtype),
-                         settings.scheduler)
+                         settings.scheduler, low_memory=settings.low_memory)
     pipe.set_progress_bar_config(disable=True)
     names = []
     for i, spec in enumerate(settings.loras):
@@ -145,9 +149,9 @@ def load_job_pipeline(settings: GenerateSettings):
         pipe.set_adapters(names, [s.scale for s in settings.loras])
         if settings.fuse_lora:
             pipe.fuse_lora()
-    if settings.vae_slicing:
+    if settings.vae_slicing and not settings.low_memory:
         pipe.vae.enable_slicing()
-    if settings.vae_tiling:
+    if settings.vae_tiling and not settings.low_memory:
         pipe.vae.enable_tiling()
     return pipe
 

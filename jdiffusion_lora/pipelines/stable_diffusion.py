@@ -17,6 +17,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..lora import LoraLoaderMixin
 from ..models.autoencoder_kl import AutoencoderKL
 from ..models.clip import CLIPTextModel
 from ..models.clip_tokenizer import CLIPTokenizer
-from ..models.modeling import to_model_dtype
+from ..models.modeling import config_from_dict, to_model_dtype
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers import SCHEDULERS, DDIMScheduler
 from .single_file import is_single_file
@@ -62,6 +63,33 @@ def _read_model_index(folder: str) -> dict:
         return json.load(f)
 
 
+class DeferredModel:
+    """A component of a low-memory pipeline: its config now, its weights only while it runs."""
+
+    def __init__(self, cls, folder: str, variant: Optional[str]):
+        self.cls, self.folder, self.variant = cls, folder, variant
+        self.config = config_from_dict(cls.config_class, cls.load_config(folder), ignore=cls.config_ignore,
+                                       source=os.path.join(folder, "config.json"))
+
+    def load(self):
+        return self.cls.from_pretrained(self.folder, variant=self.variant, low_memory=True)
+
+
+@contextmanager
+def loaded(component):
+    """Yield the model itself, or load a `DeferredModel` for the duration of the block and free it after."""
+    if not isinstance(component, DeferredModel):
+        yield component
+        return
+    model = component.load()
+    try:
+        yield model
+    finally:
+        del model
+        jt.sync_all()
+        jt.gc()
+
+
 class StableDiffusionPipeline(LoraLoaderMixin):
     """Holds the five components and runs text -> latents -> image.
 
@@ -81,12 +109,14 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: Optional[str] = None, variant: Optional[str] = None,
-                        scheduler=None, revision: Optional[str] = None, **components):
+                        scheduler=None, revision: Optional[str] = None, low_memory: bool = False, **components):
         """Load a diffusers-layout folder (`model_index.json` + one subfolder per component).
 
         `folder` may also be a HuggingFace repository id (`org/name`, found in the local HF cache at
         `revision`, never downloaded) or a single-file checkpoint (see `from_single_file`).
         Components passed as keyword arguments (`unet=my_unet`) are used instead of loading them.
+        low_memory: load each model only while it runs (text encoder -> UNet -> VAE), its Linear/Conv2d
+        weights in bfloat16 computed in float32, the VAE decoding in tiles (SD 2.1 at 512 px in under 3 GB).
         """
         folder = resolve_model(folder, revision)
         if is_single_file(folder):
@@ -103,6 +133,12 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             return path
 
         loaded = dict(components)
+        if low_memory:
+            if dtype not in (None, "float32", "fp32"):
+                raise ValueError("low_memory stores weights in bfloat16 itself; leave dtype unset")
+            for name, model_cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                    ("text_encoder", CLIPTextModel)):
+                loaded.setdefault(name, DeferredModel(model_cls, sub(name), variant))
         if "unet" not in loaded:
             loaded["unet"] = UNet2DConditionModel.from_pretrained(sub("unet"), dtype=dtype, variant=variant)
         if "vae" not in loaded:
@@ -174,16 +210,16 @@ class StableDiffusionPipeline(LoraLoaderMixin):
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar_disabled = disable
 
-    def encode_prompt(self, prompts: List[str], clip_skip: Optional[int] = None) -> "jt.Var":
+    def encode_prompt(self, prompts: List[str], clip_skip: Optional[int] = None, text_encoder=None) -> "jt.Var":
         """Prompts -> CLIP hidden states (B, 77, D). clip_skip=1 uses the penultimate layer (A1111 convention)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True)["input_ids"]
-        with jt.no_grad():
+        with jt.no_grad(), loaded(text_encoder or self.text_encoder) as text_encoder:
             if clip_skip is None:
-                return self.text_encoder(jt.array(ids)).last_hidden_state
-            out = self.text_encoder(jt.array(ids), output_hidden_states=True)
+                return text_encoder(jt.array(ids)).last_hidden_state.sync()
+            out = text_encoder(jt.array(ids), output_hidden_states=True)
             hidden = out.hidden_states[-(clip_skip + 1)]
-            return self.text_encoder.text_model.final_layer_norm(hidden)
+            return text_encoder.text_model.final_layer_norm(hidden).sync()
 
     @staticmethod
     def make_generators(batch: int, seed=None, generator=None) -> (List[np.random.Generator], List[Optional[int]]):
@@ -211,8 +247,13 @@ class StableDiffusionPipeline(LoraLoaderMixin):
 
     def decode_latents(self, latents) -> np.ndarray:
         """Latents (B, 4, h, w) -> images (B, H, W, 3) in [0, 1]."""
-        with jt.no_grad():
-            image = self.vae.decode(to_model_dtype(latents / self.vae.config.scaling_factor, self.vae)).sample
+        with jt.no_grad(), loaded(self.vae) as vae:
+            if isinstance(self.vae, DeferredModel):   # low memory: one image at a time, in tiles above 512 px
+                vae.enable_slicing()
+                vae.tile_sample_min_size = min(vae.tile_sample_min_size, 512)
+                vae.tile_latent_min_size = min(vae.tile_latent_min_size, 512 // self.vae_scale_factor)
+                vae.enable_tiling()
+            image = vae.decode(to_model_dtype(latents / vae.config.scaling_factor, vae)).sample.sync()
         image = (image / 2 + 0.5).clamp(0, 1)
         return image.float32().numpy().transpose(0, 2, 3, 1)
 
@@ -244,9 +285,11 @@ class StableDiffusionPipeline(LoraLoaderMixin):
             raise ValueError(f"height and width must be multiples of {scale}, got {height}x{width}")
         do_cfg = guidance_scale > 1.0
 
-        context = self.encode_prompt(prompts, clip_skip)                       # (B, 77, D)
-        if do_cfg:
-            context = jt.concat([self.encode_prompt(negatives, clip_skip), context], dim=0)  # (2B, 77, D)
+        with loaded(self.text_encoder) as text_encoder:
+            context = self.encode_prompt(prompts, clip_skip, text_encoder)               # (B, 77, D)
+            if do_cfg:
+                negative = self.encode_prompt(negatives, clip_skip, text_encoder)
+                context = jt.concat([negative, context], dim=0)                         # (2B, 77, D)
 
         gens, seeds = self.make_generators(batch, seed, generator)
         shape = (self.unet.config.in_channels, height // scale, width // scale)
@@ -265,13 +308,26 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         if eta > 0 and not step_kwargs:
             raise ValueError(f"eta is only used by DDIMScheduler, not {type(self.scheduler).__name__}")
 
+        with loaded(self.unet) as unet:
+            latents = self.denoise(unet, latents, context, gens, shape, guidance_scale, stochastic, step_kwargs,
+                                   callback)
+        if output_type == "latent":
+            return StableDiffusionOutput(images=latents, seeds=seeds)
+        images = self.decode_latents(latents)
+        return StableDiffusionOutput(images=numpy_to_pil(images) if output_type == "pil" else images, seeds=seeds)
+
+    def denoise(self, unet, latents, context, gens, shape, guidance_scale, stochastic, step_kwargs, callback):
+        """The sampling loop: (B, 4, h, w) noise -> latents, with classifier-free guidance when the context
+        holds the negative prompts' states first ((2B, 77, D))."""
+        batch = latents.shape[0]
+        do_cfg = context.shape[0] == 2 * batch
         for i, t in enumerate(tqdm(self.scheduler.timesteps, desc="sampling", disable=self.progress_bar_disabled)):
             with jt.no_grad():
                 x = jt.concat([latents, latents], dim=0) if do_cfg else latents
                 x = self.scheduler.scale_model_input(x, t)
                 # the UNet's prediction: the noise (epsilon) or v, as the scheduler's prediction_type says
-                model_output = self.unet(to_model_dtype(x, self.unet), float(t),   # (2B or B, 4, h, w)
-                                         to_model_dtype(context, self.unet)).sample.float32()
+                model_output = unet(to_model_dtype(x, unet), float(t),   # (2B or B, 4, h, w)
+                                         to_model_dtype(context, unet)).sample.float32()
                 if do_cfg:   # classifier-free guidance (Ho & Salimans 2022)
                     out_uncond, out_text = model_output[:batch], model_output[batch:]
                     model_output = out_uncond + guidance_scale * (out_text - out_uncond)
@@ -280,20 +336,17 @@ class StableDiffusionPipeline(LoraLoaderMixin):
                 latents.sync()
             if callback is not None:
                 callback(i, t, latents)
-
-        if output_type == "latent":
-            return StableDiffusionOutput(images=latents, seeds=seeds)
-        images = self.decode_latents(latents)
-        return StableDiffusionOutput(images=numpy_to_pil(images) if output_type == "pil" else images, seeds=seeds)
+        return latents
 
 
 def load_pipeline(model: Optional[str] = None, dtype: Optional[str] = None,
-                  scheduler: Optional[str] = None) -> StableDiffusionPipeline:
+                  scheduler: Optional[str] = None, low_memory: bool = False) -> StableDiffusionPipeline:
     """The pipeline of a diffusers folder (None or "": the built-in tiny model), optionally cast to
-    `dtype` and with another scheduler (a diffusers class name, e.g. "DDIMScheduler")."""
+    `dtype` and with another scheduler (a diffusers class name, e.g. "DDIMScheduler"); low_memory: see
+    `StableDiffusionPipeline.from_pretrained`."""
     from ..tiny import tiny_model_path
 
-    pipe = StableDiffusionPipeline.from_pretrained(model or tiny_model_path(), dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(model or tiny_model_path(), dtype=dtype, low_memory=low_memory)
     if scheduler:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
