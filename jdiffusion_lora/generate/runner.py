@@ -57,7 +57,7 @@ class GenerateSettings:
     batch_size: int = 1
     batch_mode: str = "exact"                # "exact" | "batched" (see the module docstring)
     fuse_lora: bool = False                  # fold LoRA into the weights (faster; same maths)
-    attention_slicing: bool = False          # no-op: attention already runs one (sample, head) at a time
+    attention_slicing: bool = False          # no-op: attention always chunks its queries by free memory
     vae_slicing: bool = False
     vae_tiling: bool = False
     dtype: str = "fp32"                      # "fp32" | "fp16" (CUDA only) | "bf16" (see train/precision.py)

@@ -180,6 +180,9 @@ def _loop(q, k, v, heads, mask, dropout, chunk):
     m, d = k.shape[1], inner // heads
     scale = d ** -0.5
     size = chunk or query_chunk_size(n, m)
+    # Inference on large blocks: compute each block before building the next, or Jittor's lazy graph
+    # holds every (sample, head) block's scores at once. (Training graphs keep them anyway.)
+    eager = not _needs_grad(q, k, v) and size * m >= 2 ** 20
     samples = []
     for i in range(b):
         outs = []
@@ -198,6 +201,8 @@ def _loop(q, k, v, heads, mask, dropout, chunk):
                 ex = (scores - _reduce_rows(scores, "max").stop_grad()).exp().stop_fuse()   # (n, M)
                 used = nn.dropout(ex, dropout, is_train=True) if dropout > 0 else ex
                 parts.append(nn.matmul(used.cast(v.dtype), vh) / _reduce_rows(ex, "sum").cast(v.dtype))
+                if eager:   # one block's scores at a time (see MemoryEfficientAttention)
+                    parts[-1].sync()
             outs.append(parts[0] if len(parts) == 1 else jt.concat(parts, dim=0))   # (N, D)
         samples.append(outs[0] if heads == 1 else jt.concat(outs, dim=1))      # (N, heads*D)
     return samples[0].unsqueeze(0) if b == 1 else jt.stack(samples, dim=0)
