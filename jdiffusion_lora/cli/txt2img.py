@@ -25,7 +25,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file(s) to apply")
     p.add_argument("--low-memory", action="store_true",
                    help="bf16 weights computed in fp32, text encoder / UNet / VAE loaded one at a time, tiled VAE "
-                        "(SD 2.1 at 512 px in under 3 GB on CPU); no --lora with it")
+                        "(about half the memory of the weights in fp32); no --lora with it")
     p.add_argument("--out", default="outputs/txt2img", help="output folder")
     p.set_defaults(func=run)
     from ..train.config import accept_negative_numbers

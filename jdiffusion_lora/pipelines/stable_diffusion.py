@@ -116,7 +116,7 @@ class StableDiffusionPipeline(LoraLoaderMixin):
         `revision`, never downloaded) or a single-file checkpoint (see `from_single_file`).
         Components passed as keyword arguments (`unet=my_unet`) are used instead of loading them.
         low_memory: load each model only while it runs (text encoder -> UNet -> VAE), its Linear/Conv2d
-        weights in bfloat16 computed in float32, the VAE decoding in tiles (SD 2.1 at 512 px in under 3 GB).
+        weights in bfloat16 computed in float32, the VAE decoding in tiles (about half the weights' memory).
         """
         folder = resolve_model(folder, revision)
         if is_single_file(folder):
