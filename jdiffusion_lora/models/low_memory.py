@@ -14,6 +14,9 @@ from .._runtime import jt
 nn = jt.nn
 
 STORAGE_DTYPE = "bfloat16"
+# Jittor's allocator keeps freed blocks for reuse; float32 weight copies of ever-different sizes would pile up
+# there, so after a layer whose weight has at least this many values the cache is emptied (`jt.gc()`).
+GC_ABOVE = 2 ** 20
 
 
 def _wrap(module, storage: str) -> None:
@@ -31,6 +34,8 @@ def _wrap(module, storage: str) -> None:
         finally:
             module.weight, module.bias = weight, bias
         out.sync()
+        if module.weight.numel() >= GC_ABOVE:
+            jt.gc()
         return out
 
     module.execute = execute

@@ -166,13 +166,16 @@ class ModelMixin(nn.Module):
         for k, var in own.items():
             if k in state:
                 arr = np.asarray(state[k])
-                if str(var.dtype) == "bfloat16":   # numpy has no bfloat16: Jittor casts from float32
+                bf16 = str(var.dtype) == "bfloat16"
+                if bf16:   # numpy has no bfloat16: Jittor casts from float32
                     value = jt.array(arr.astype(np.float32, copy=False)).cast("bfloat16")
                 else:
                     value = jt.array(arr.astype(str(var.dtype), copy=False))
                 var.assign(value)
                 var.sync()
                 release_pages(arr)
+                if bf16 and arr.size >= 2 ** 20:
+                    jt.gc()   # Jittor's allocator would keep every float32 temporary (a float32 model's worth)
 
     def convert_state_dict(self, state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Hook for renames that older checkpoints need; default: none."""
