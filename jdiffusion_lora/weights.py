@@ -72,16 +72,24 @@ def read_safetensors_header(path: str) -> Tuple[Dict[str, dict], Dict[str, str],
     return header, metadata, 8 + n
 
 
-def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Dict[str, str]]:
+def read_safetensors(path: str, mmap: bool = False) -> Tuple[Dict[str, np.ndarray], Dict[str, str], Dict[str, str]]:
     """Returns (tensors, file dtypes by name, header metadata).
 
     The header is untrusted: every entry's dtype, shape and byte range is checked against the
     data section before an array is made, and anything malformed is a WeightsError naming the file.
+    mmap=True memory-maps the file: float32/float16/int tensors are read-only views of the mapping (no copy;
+    pages are read when touched, and `release_pages(array)` gives them back once copied elsewhere).
+    bfloat16 tensors are widened to float32 copies either way.
     """
+    import mmap as mmap_module
+
     header, metadata, data_start = read_safetensors_header(path)
     with open(path, "rb") as f:
-        f.seek(data_start)
-        data = f.read()
+        if mmap and os.path.getsize(path) > data_start:
+            data = memoryview(mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_READ))[data_start:]
+        else:
+            f.seek(data_start)
+            data = f.read()
     tensors, dtypes = {}, {}
     for name, info in header.items():
         dt, shape, start, end = _check_safetensors_entry(path, name, info, len(data))
@@ -89,10 +97,32 @@ def read_safetensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str], 
         if dt == "BF16":
             arr = bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2"))
         else:
-            arr = np.frombuffer(raw, dtype=np.dtype(_ST_TO_NP[dt]).newbyteorder("<")).astype(_ST_TO_NP[dt])
+            arr = np.frombuffer(raw, dtype=np.dtype(_ST_TO_NP[dt]).newbyteorder("<"))
+            arr = arr.astype(_ST_TO_NP[dt], copy=not mmap)   # a view on little-endian machines when mapped
         tensors[name] = arr.reshape(shape)
         dtypes[name] = dt
     return tensors, dtypes, metadata
+
+
+def release_pages(arr: np.ndarray) -> None:
+    """Drop the resident pages of a memory-mapped array (see `read_safetensors(mmap=True)`) from this
+    process: they count towards its resident memory until unmapped, and the data has been copied by now.
+    A no-op for ordinary arrays."""
+    import mmap as mmap_module
+
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if not isinstance(base, memoryview) or not isinstance(base.obj, mmap_module.mmap) or base.obj.closed:
+        return
+    mapping = base.obj
+    origin = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data   # address of the mapping
+    start = arr.__array_interface__["data"][0] - origin
+    page = mmap_module.PAGESIZE
+    lo = start // page * page
+    hi = min(len(mapping), start + arr.nbytes)
+    if hi > lo and hasattr(mapping, "madvise"):
+        mapping.madvise(mmap_module.MADV_DONTNEED, lo, hi - lo)
 
 
 def _is_index(x) -> bool:
@@ -437,10 +467,11 @@ def read_torch_pickle(path: str) -> Dict[str, np.ndarray]:
     return {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
 
 
-def load_weights(path: str) -> Dict[str, np.ndarray]:
-    """Load a `.safetensors` or torch pickle file into a dict of numpy arrays."""
+def load_weights(path: str, mmap: bool = False) -> Dict[str, np.ndarray]:
+    """Load a `.safetensors` or torch pickle file into a dict of numpy arrays (memory-mapped views of a
+    safetensors file with mmap=True)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".safetensors"):
-        return read_safetensors(path)[0]
+        return read_safetensors(path, mmap=mmap)[0]
     return read_torch_pickle(path)

@@ -57,12 +57,16 @@ def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
     m = p.add_argument_group("speed and memory")
     m.add_argument("--fuse-lora", action="store_true", help="fold the LoRA(s) into the weights (faster)")
     m.add_argument("--attention-slicing", action="store_true",
-                   help="accepted for diffusers parity; a no-op: attention already runs one (sample, head) at a time")
+                   help="accepted for diffusers parity; a no-op: attention always splits its queries into chunks "
+                        "sized from the free memory")
     m.add_argument("--vae-slicing", action="store_true", help="decode a batch one image at a time")
     m.add_argument("--vae-tiling", action="store_true", help="decode large images in overlapping tiles")
     m.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="weights and activations; fp16 on CUDA only; bf16 on CPU saves memory but Jittor's CPU "
                         "bf16 products are inexact (see train/precision.py)")
+    m.add_argument("--low-memory", action="store_true",
+                   help="bf16 weights computed in fp32, text encoder / UNet / VAE loaded in turn, tiled VAE: "
+                        "about half the weights' memory (slower: the models are reloaded for every image)")
     r = p.add_argument_group("running")
     r.add_argument("--workers", default=default_workers,
                    help="worker processes: a number, or 'auto' (one per GPU, else 2 CPU processes)")
@@ -132,7 +136,7 @@ def run(args) -> int:
         height=args.height or args.size, width=args.width or args.size, batch_size=args.batch_size,
         batch_mode=args.batch_mode, fuse_lora=args.fuse_lora, attention_slicing=args.attention_slicing,
         vae_slicing=args.vae_slicing, vae_tiling=args.vae_tiling, dtype=args.dtype, start=args.start,
-        strength=args.strength, data_root=args.data)
+        strength=args.strength, data_root=args.data, low_memory=args.low_memory)
     from ..train import distributed as dist
     # Under mpirun each rank is one worker (it makes every N-th item): --workers is not used.
     workers = 1 if dist.active() else resolve_workers(args.workers)

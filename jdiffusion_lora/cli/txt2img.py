@@ -23,6 +23,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="LoRA file(s) to apply")
+    p.add_argument("--low-memory", action="store_true",
+                   help="bf16 weights computed in fp32, text encoder / UNet / VAE loaded one at a time, tiled VAE "
+                        "(about half the memory of the weights in fp32); no --lora with it")
     p.add_argument("--out", default="outputs/txt2img", help="output folder")
     p.set_defaults(func=run)
     from ..train.config import accept_negative_numbers
@@ -45,7 +48,9 @@ def run(args) -> int:
     check_arguments(args)
     announce_device()
     model = args.model or tiny_model_path()
-    pipe = load_pipeline(model, scheduler=args.scheduler)
+    if args.low_memory and args.lora:
+        raise ValueError("--low-memory loads the base model only: it cannot apply --lora")
+    pipe = load_pipeline(model, scheduler=args.scheduler, low_memory=args.low_memory)
     for i, spec in enumerate(args.lora):
         path, _, scale = spec.partition(":")
         pipe.load_lora_weights(path, adapter_name=f"lora{i}")

@@ -57,13 +57,14 @@ class GenerateSettings:
     batch_size: int = 1
     batch_mode: str = "exact"                # "exact" | "batched" (see the module docstring)
     fuse_lora: bool = False                  # fold LoRA into the weights (faster; same maths)
-    attention_slicing: bool = False          # no-op: attention already runs one (sample, head) at a time
+    attention_slicing: bool = False          # no-op: attention always chunks its queries by free memory
     vae_slicing: bool = False
     vae_tiling: bool = False
     dtype: str = "fp32"                      # "fp32" | "fp16" (CUDA only) | "bf16" (see train/precision.py)
     start: str = "noise"                     # noise | reference | flat | blur | latents (see generate/start.py)
     strength: float = 0.8                    # img2img strength when start is not "noise"
     data_root: Optional[str] = None          # the dataset root whose <NN>/images the start is built from
+    low_memory: bool = False                 # bf16 weights, models loaded in turn (see StableDiffusionPipeline)
 
     def check(self) -> None:
         if self.batch_mode not in ("exact", "batched"):
@@ -78,6 +79,8 @@ class GenerateSettings:
             check_strength(self.strength)
             if not self.data_root or not os.path.isdir(self.data_root):
                 raise ValueError(f"start={self.start!r} needs the dataset root (--data) with <NN>/images")
+        if self.low_memory and (self.loras or self.dtype != "fp32"):
+            raise ValueError("low_memory loads the base model only, in bfloat16: no LoRA, no dtype with it")
         if self.dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"dtype must be fp32, fp16 or bf16, got {self.dtype!r}")
         if self.dtype == "bf16":
@@ -122,7 +125,8 @@ def job_description(settings: GenerateSettings) -> dict:
                      "width": settings.width, "batch_mode": settings.batch_mode, "dtype": settings.dtype,
                      "fuse_lora": settings.fuse_lora, "vae_tiling": settings.vae_tiling,
                      **({"start": settings.start, "strength": settings.strength,
-                         "data_root": os.path.abspath(settings.data_root)} if settings.start != "noise" else {})},
+                         "data_root": os.path.abspath(settings.data_root)} if settings.start != "noise" else {}),
+                     **({"low_memory": True} if settings.low_memory else {})},
     }
 
 
@@ -142,7 +146,7 @@ def load_job_pipeline(settings: GenerateSettings):
 
     settings.check()
     pipe = load_pipeline(settings.model, {"fp16": "float16", "bf16": "bfloat16"}.get(settings.dtype),
-                         settings.scheduler)
+                         settings.scheduler, low_memory=settings.low_memory)
     pipe.set_progress_bar_config(disable=True)
     names, scales = [], []
     for i, spec in enumerate(settings.loras):
@@ -161,9 +165,9 @@ def load_job_pipeline(settings: GenerateSettings):
         pipe.set_adapters(names, scales)
         if settings.fuse_lora:
             pipe.fuse_lora()
-    if settings.vae_slicing:
+    if settings.vae_slicing and not settings.low_memory:
         pipe.vae.enable_slicing()
-    if settings.vae_tiling:
+    if settings.vae_tiling and not settings.low_memory:
         pipe.vae.enable_tiling()
     return pipe
 

@@ -287,6 +287,8 @@ def _tiled(x, tile_in: int, tile_out: int, overlap: float, fn):
 
 # --------------------------------------------------------------------------- the model
 
+SLICE_ABOVE = 512 * 512   # output pixels of a batch above which decode() goes one image at a time
+
 _OLD_ATTENTION = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
 _OLD_TO_NEW = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -370,8 +372,12 @@ class AutoencoderKL(ModelMixin):
         return AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(moments))
 
     def decode(self, z) -> DecoderOutput:
-        """Unscaled latents (B, latent, h, w) -> DecoderOutput(sample=(B, out_channels, H, W))."""
-        if self.use_slicing and z.shape[0] > 1:
+        """Unscaled latents (B, latent, h, w) -> DecoderOutput(sample=(B, out_channels, H, W)).
+
+        Batches of more than SLICE_ABOVE output pixels in all are decoded one image at a time even without
+        `enable_slicing()` (the same values; the decoder's activations at 512 px are about 1 GB per image)."""
+        f = self.downscale_factor
+        if (self.use_slicing or z.shape[0] * z.shape[2] * z.shape[3] * f * f > SLICE_ABOVE) and z.shape[0] > 1:
             sample = jt.concat([self._decode(z[i:i + 1]) for i in range(z.shape[0])], dim=0)
         else:
             sample = self._decode(z)

@@ -19,6 +19,7 @@ from typing import Optional, Tuple, Union
 import numpy as np
 
 from .._runtime import jt
+from .attention import attention
 from .checkpointing import Checkpointable
 from .layers import LayerNorm, activation
 from .modeling import ConfigError, ModelMixin
@@ -130,21 +131,12 @@ class CLIPAttention(nn.Module):
 
     def execute(self, x: jt.Var, mask: jt.Var, row_valid: Optional[jt.Var] = None) -> jt.Var:
         """x (B, T, C); mask (B or 1, 1, T, T) additive float32; row_valid (B, 1, T, 1) or None."""
-        b, t, c = x.shape
-        h, d = self.num_heads, self.head_dim
-
-        def heads(y):  # (B, T, C) -> (B, H, T, D)
-            return y.reshape(b, t, h, d).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
-        scores = jt.matmul(q, k.transpose(0, 1, 3, 2)) * self.scale  # (B, H, T, T)
-        probs = nn.softmax(scores.float32() + mask, dim=-1)
+        dropout = self.dropout if self.is_training() else 0.0
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.num_heads, mask=mask,
+                        dropout=dropout)                                   # (B, T, C)
         if row_valid is not None:  # queries that may see no key at all attend to nothing (as torch's SDPA)
-            probs = probs * row_valid
-        if self.dropout > 0 and self.is_training():
-            probs = nn.dropout(probs, self.dropout, is_train=True)
-        out = jt.matmul(probs.cast(v.dtype), v)  # (B, H, T, D)
-        return self.out_proj(out.transpose(0, 2, 1, 3).reshape(b, t, c))
+            out = out * row_valid.reshape(row_valid.shape[0], -1, 1)
+        return self.out_proj(out)
 
 
 class CLIPMLP(nn.Module):

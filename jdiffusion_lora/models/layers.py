@@ -11,6 +11,7 @@ import numpy as np
 
 from .._runtime import jt
 from ..configuration import ConfigError
+from .attention import attention
 from .checkpointing import Checkpointable
 
 nn = jt.nn
@@ -187,57 +188,6 @@ class Upsample2D(nn.Module):
 
 # --------------------------------------------------------------------------- attention
 
-def _reduce_rows(x, op: str):
-    """max or sum over the last axis of (N, M) -> (N, 1).
-
-    Jittor's CPU kernel for a last-axis reduce does not vectorise; reducing a (N, 16, M/16)
-    view over the middle axis first does, and is 3-4x faster for M >= 256.
-    """
-    n, m = x.shape
-    if m % 16 == 0 and m >= 128:
-        x = x.reshape(n, 16, m // 16)
-        x = x.max(dim=1) if op == "max" else x.sum(dim=1)                     # (N, M/16)
-    return x.max(dim=-1, keepdims=True) if op == "max" else x.sum(dim=-1, keepdims=True)
-
-
-def attention(q, k, v, heads: int, mask=None, upcast: bool = False):
-    """Multi-head scaled dot-product attention (Vaswani et al. 2017).
-
-    q: (B, N, heads*D), k/v: (B, M, heads*D), mask: additive, broadcastable to (B, heads, N, M).
-    Returns (B, N, heads*D).
-
-    Computed one (sample, head) at a time with 2-D matmuls: on CPU Jittor runs 2-D matmuls
-    through MKL but batched ones as a generic broadcast-reduce loop (3x slower at SD sizes).
-    The softmax is taken in float32 and normalised after the value matmul (N*D divisions, not N*M).
-    """
-    b, n, inner = q.shape
-    d = inner // heads
-    dtype = q.dtype
-    if upcast:
-        q, k, v = q.float32(), k.float32(), v.float32()
-    q = q * (d ** -0.5)
-    if mask is not None:
-        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))       # (B|1, heads|1, N|1, M)
-    rows = []
-    for i in range(b):
-        outs = []
-        for h in range(heads):
-            cols = slice(h * d, (h + 1) * d)
-            scores = nn.matmul_transpose(q[i, :, cols], k[i, :, cols])           # (N, M)
-            if scores.dtype != "float32":
-                scores = scores.float32()
-            if mask is not None:
-                scores = scores + mask[min(i, mask.shape[0] - 1), min(h, mask.shape[1] - 1)]
-            # softmax is shift-invariant: the row max needs no gradient. stop_fuse keeps exp()
-            # out of the row-sum kernel (fused, that kernel is 2x slower than both apart).
-            e = (scores - _reduce_rows(scores, "max").stop_grad()).exp().stop_fuse()   # (N, M)
-            out = nn.matmul(e.cast(v.dtype), v[i, :, cols])                     # (N, D)
-            outs.append(out / _reduce_rows(e, "sum").cast(v.dtype))
-        rows.append(outs[0] if heads == 1 else jt.concat(outs, dim=1))        # (N, heads*D)
-    out = rows[0].unsqueeze(0) if b == 1 else jt.stack(rows, dim=0)           # (B, N, heads*D)
-    return out.cast(dtype)
-
-
 class Attention(nn.Module):
     """diffusers' `Attention`: to_q / to_k / to_v / to_out.0 (+ dropout as to_out.1).
 
@@ -272,7 +222,7 @@ class Attention(nn.Module):
             hidden_states = hidden_states.reshape(b, c, h * w).transpose(0, 2, 1)   # (B, HW, C)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         out = attention(self.to_q(hidden_states), self.to_k(context), self.to_v(context), self.heads,
-                        mask=attention_mask, upcast=self.upcast_attention)
+                        mask=attention_mask, upcast=self.upcast_attention)   # (B, N, inner)
         out = self.to_out[1](self.to_out[0](out))
         if spatial:
             out = out.transpose(0, 2, 1).reshape(b, c, h, w)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .._runtime import jt
 from ..configuration import ConfigError, read_config_json  # noqa: F401  (ConfigError: models raise it from here)
-from ..weights import WeightsError, atomic_write_bytes, load_weights, save_safetensors
+from ..weights import WeightsError, atomic_write_bytes, load_weights, release_pages, save_safetensors
 
 nn = jt.nn
 
@@ -64,17 +64,17 @@ def _weights_file(folder: str, names: Tuple[str, ...], variant: Optional[str]) -
                             f"the folder has {present}")
 
 
-def read_model_weights(path: str) -> Dict[str, np.ndarray]:
-    """Load one weights file or a sharded `*.index.json` set."""
+def read_model_weights(path: str, mmap: bool = False) -> Dict[str, np.ndarray]:
+    """Load one weights file or a sharded `*.index.json` set (safetensors memory-mapped with mmap=True)."""
     if path.endswith(".index.json"):
         with open(path) as f:
             index = json.load(f)
         state = {}
         folder = os.path.dirname(path)
         for shard in sorted(set(index["weight_map"].values())):
-            state.update(load_weights(os.path.join(folder, shard)))
+            state.update(load_weights(os.path.join(folder, shard), mmap=mmap))
         return state
-    return load_weights(path)
+    return load_weights(path, mmap=mmap)
 
 
 def to_model_dtype(x: "jt.Var", model) -> "jt.Var":
@@ -106,10 +106,11 @@ class ModelMixin(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str, subfolder: Optional[str] = None, dtype: Optional[str] = None,
-                        variant: Optional[str] = None, revision: Optional[str] = None):
+                        variant: Optional[str] = None, revision: Optional[str] = None, low_memory: bool = False):
         """Load a model saved by diffusers/transformers `save_pretrained` (or by `save_pretrained` here).
 
         `folder` may be a HuggingFace repository id (`org/name`), found in the local HF cache (no network).
+        low_memory: keep Linear/Conv2d weights in bfloat16 and compute in float32 (see `low_memory.py`).
         """
         from ..hub import resolve_model
         folder = resolve_model(folder, revision)
@@ -120,14 +121,18 @@ class ModelMixin(nn.Module):
                                      source=os.path.join(folder, "config.json")))
         path = _weights_file(folder, cls.weights_names, variant)
         try:
-            state = read_model_weights(path)
+            state = read_model_weights(path, mmap=True)   # views of the file: no copy of the weights
         except WeightsError:
             raise
         except Exception as e:  # a library error on a damaged file: name the file
             raise WeightsError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from None
-        model.load_numpy_state_dict(state, source=path)
-        if dtype is not None:
+        if dtype is not None:   # cast each tensor as it is copied in: never a float32 copy of the whole model
             model.to_dtype(dtype)
+        if low_memory:
+            from .low_memory import store_weights_low_memory
+            store_weights_low_memory(model)
+        model.load_numpy_state_dict(state, source=path)
+        del state
         model.eval()
         return model
 
@@ -141,6 +146,8 @@ class ModelMixin(nn.Module):
         """Copy arrays into the parameters, checking names and shapes.
 
         Values keep the parameter's dtype (Jittor's own loader would turn fp32 parameters into fp16).
+        Each tensor is copied (and cast) on its own, and the pages of a memory-mapped file are released right
+        after, so loading needs the model's size plus one tensor, not twice the model.
         """
         state = self.convert_state_dict(dict(state))
         own = self.state_dict()
@@ -158,7 +165,17 @@ class ModelMixin(nn.Module):
             warnings.warn(msg)
         for k, var in own.items():
             if k in state:
-                var.assign(jt.array(np.asarray(state[k]).astype(str(var.dtype))))
+                arr = np.asarray(state[k])
+                bf16 = str(var.dtype) == "bfloat16"
+                if bf16:   # numpy has no bfloat16: Jittor casts from float32
+                    value = jt.array(arr.astype(np.float32, copy=False)).cast("bfloat16")
+                else:
+                    value = jt.array(arr.astype(str(var.dtype), copy=False))
+                var.assign(value)
+                var.sync()
+                release_pages(arr)
+                if bf16 and arr.size >= 2 ** 20:
+                    jt.gc()   # Jittor's allocator would keep every float32 temporary (a float32 model's worth)
 
     def convert_state_dict(self, state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Hook for renames that older checkpoints need; default: none."""
@@ -193,6 +210,8 @@ class ModelMixin(nn.Module):
 
     @property
     def dtype(self) -> str:
+        if getattr(self, "_low_memory_storage", None):   # bf16 weights computed in float32 (low_memory.py)
+            return "float32"
         for var in self.parameters():
             return str(var.dtype)
         return "float32"

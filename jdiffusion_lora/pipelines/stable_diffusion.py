@@ -17,6 +17,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -29,7 +30,7 @@ from ..lora import LoraLoaderMixin
 from ..models.autoencoder_kl import AutoencoderKL
 from ..models.clip import CLIPTextModel
 from ..models.clip_tokenizer import CLIPTokenizer
-from ..models.modeling import to_model_dtype
+from ..models.modeling import config_from_dict, to_model_dtype
 from ..models.unet_2d_condition import UNet2DConditionModel
 from ..schedulers import SCHEDULERS, DDIMScheduler
 from .single_file import is_single_file
@@ -63,6 +64,33 @@ def _read_model_index(folder: str) -> dict:
         return json.load(f)
 
 
+class DeferredModel:
+    """A component of a low-memory pipeline: its config now, its weights only while it runs."""
+
+    def __init__(self, cls, folder: str, variant: Optional[str]):
+        self.cls, self.folder, self.variant = cls, folder, variant
+        self.config = config_from_dict(cls.config_class, cls.load_config(folder), ignore=cls.config_ignore,
+                                       source=os.path.join(folder, "config.json"))
+
+    def load(self):
+        return self.cls.from_pretrained(self.folder, variant=self.variant, low_memory=True)
+
+
+@contextmanager
+def loaded(component):
+    """Yield the model itself, or load a `DeferredModel` for the duration of the block and free it after."""
+    if not isinstance(component, DeferredModel):
+        yield component
+        return
+    model = component.load()
+    try:
+        yield model
+    finally:
+        del model
+        jt.sync_all()
+        jt.gc()
+
+
 class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     """Holds the five components and runs text -> latents -> image.
 
@@ -83,12 +111,14 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
 
     @classmethod
     def from_pretrained(cls, folder: str, dtype: Optional[str] = None, variant: Optional[str] = None,
-                        scheduler=None, revision: Optional[str] = None, **components):
+                        scheduler=None, revision: Optional[str] = None, low_memory: bool = False, **components):
         """Load a diffusers-layout folder (`model_index.json` + one subfolder per component).
 
         `folder` may also be a HuggingFace repository id (`org/name`, found in the local HF cache at
         `revision`, never downloaded) or a single-file checkpoint (see `from_single_file`).
         Components passed as keyword arguments (`unet=my_unet`) are used instead of loading them.
+        low_memory: load each model only while it runs (text encoder -> UNet -> VAE), its Linear/Conv2d
+        weights in bfloat16 computed in float32, the VAE decoding in tiles (about half the weights' memory).
         """
         folder = resolve_model(folder, revision)
         if is_single_file(folder):
@@ -105,6 +135,12 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
             return path
 
         loaded = dict(components)
+        if low_memory:
+            if dtype not in (None, "float32", "fp32"):
+                raise ValueError("low_memory stores weights in bfloat16 itself; leave dtype unset")
+            for name, model_cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                    ("text_encoder", CLIPTextModel)):
+                loaded.setdefault(name, DeferredModel(model_cls, sub(name), variant))
         if "unet" not in loaded:
             loaded["unet"] = UNet2DConditionModel.from_pretrained(sub("unet"), dtype=dtype, variant=variant)
         if "vae" not in loaded:
@@ -176,17 +212,17 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     def set_progress_bar_config(self, disable: bool = False) -> None:
         self.progress_bar_disabled = disable
 
-    def encode_prompt(self, prompts: List[str], clip_skip: Optional[int] = None) -> "jt.Var":
+    def encode_prompt(self, prompts: List[str], clip_skip: Optional[int] = None, text_encoder=None) -> "jt.Var":
         """Prompts -> CLIP hidden states (B, 77, D). clip_skip=1 uses the penultimate layer (A1111 convention)."""
         prompts = self.maybe_convert_prompt(list(prompts))
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True)["input_ids"]
-        with jt.no_grad():
+        with jt.no_grad(), loaded(text_encoder or self.text_encoder) as text_encoder:
             if clip_skip is None:
-                return self.text_encoder(jt.array(ids)).last_hidden_state
-            out = self.text_encoder(jt.array(ids), output_hidden_states=True)
+                return text_encoder(jt.array(ids)).last_hidden_state.sync()
+            out = text_encoder(jt.array(ids), output_hidden_states=True)
             hidden = out.hidden_states[-(clip_skip + 1)]
-            return self.text_encoder.text_model.final_layer_norm(hidden)
+            return text_encoder.text_model.final_layer_norm(hidden).sync()
 
     @staticmethod
     def make_generators(batch: int, seed=None, generator=None) -> (List[np.random.Generator], List[Optional[int]]):
@@ -214,8 +250,13 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
 
     def decode_latents(self, latents) -> np.ndarray:
         """Latents (B, 4, h, w) -> images (B, H, W, 3) in [0, 1]."""
-        with jt.no_grad():
-            image = self.vae.decode(to_model_dtype(latents / self.vae.config.scaling_factor, self.vae)).sample
+        with jt.no_grad(), loaded(self.vae) as vae:
+            if isinstance(self.vae, DeferredModel):   # low memory: one image at a time, in tiles above 512 px
+                vae.enable_slicing()
+                vae.tile_sample_min_size = min(vae.tile_sample_min_size, 512)
+                vae.tile_latent_min_size = min(vae.tile_latent_min_size, 512 // self.vae_scale_factor)
+                vae.enable_tiling()
+            image = vae.decode(to_model_dtype(latents / vae.config.scaling_factor, vae)).sample.sync()
         image = (image / 2 + 0.5).clamp(0, 1)
         return image.float32().numpy().transpose(0, 2, 3, 1)
 
@@ -264,9 +305,10 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     def _guidance_context(self, prompts: List[str], negatives: List[str], guidance_scale: float,
                           clip_skip: Optional[int]) -> "jt.Var":
         """(B, 77, D) text states, or (2B, 77, D) [negatives; prompts] when guidance is on (scale > 1)."""
-        context = self.encode_prompt(prompts, clip_skip)
-        if guidance_scale > 1.0:
-            context = jt.concat([self.encode_prompt(negatives, clip_skip), context], dim=0)
+        with loaded(self.text_encoder) as text_encoder:   # a low-memory pipeline loads it for this block only
+            context = self.encode_prompt(prompts, clip_skip, text_encoder)
+            if guidance_scale > 1.0:
+                context = jt.concat([self.encode_prompt(negatives, clip_skip, text_encoder), context], dim=0)
         return context
 
     def denoise(self, latents, timesteps, context, gens: List[np.random.Generator], guidance_scale: float,
@@ -284,21 +326,22 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         if eta > 0 and not step_kwargs:
             raise ValueError(f"eta is only used by DDIMScheduler, not {type(self.scheduler).__name__}")
 
-        for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=self.progress_bar_disabled)):
-            with jt.no_grad():
-                x = jt.concat([latents, latents], dim=0) if do_cfg else latents
-                x = self.scheduler.scale_model_input(x, t)
-                # the UNet's prediction: the noise (epsilon) or v, as the scheduler's prediction_type says
-                model_output = self.unet(to_model_dtype(x, self.unet), float(t),   # (2B or B, 4, h, w)
-                                         to_model_dtype(context, self.unet)).sample.float32()
-                if do_cfg:   # classifier-free guidance (Ho & Salimans 2022)
-                    out_uncond, out_text = model_output[:batch], model_output[batch:]
-                    model_output = out_uncond + guidance_scale * (out_text - out_uncond)
-                noise = self.draw(gens, shape) if stochastic else None
-                latents = self.scheduler.step(model_output, t, latents, noise=noise, **step_kwargs).prev_sample
-                latents.sync()
-            if callback is not None:
-                callback(i, t, latents)
+        with loaded(self.unet) as unet:   # a low-memory pipeline loads it for the loop only
+            for i, t in enumerate(tqdm(timesteps, desc="sampling", disable=self.progress_bar_disabled)):
+                with jt.no_grad():
+                    x = jt.concat([latents, latents], dim=0) if do_cfg else latents
+                    x = self.scheduler.scale_model_input(x, t)
+                    # the UNet's prediction: the noise (epsilon) or v, as the scheduler's prediction_type says
+                    model_output = unet(to_model_dtype(x, unet), float(t),   # (2B or B, 4, h, w)
+                                         to_model_dtype(context, unet)).sample.float32()
+                    if do_cfg:   # classifier-free guidance (Ho & Salimans 2022)
+                        out_uncond, out_text = model_output[:batch], model_output[batch:]
+                        model_output = out_uncond + guidance_scale * (out_text - out_uncond)
+                    noise = self.draw(gens, shape) if stochastic else None
+                    latents = self.scheduler.step(model_output, t, latents, noise=noise, **step_kwargs).prev_sample
+                    latents.sync()
+                if callback is not None:
+                    callback(i, t, latents)
         return latents
 
     def _output(self, latents, seeds: List[Optional[int]], output_type: str) -> StableDiffusionOutput:
@@ -332,12 +375,13 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
 
 
 def load_pipeline(model: Optional[str] = None, dtype: Optional[str] = None,
-                  scheduler: Optional[str] = None) -> StableDiffusionPipeline:
+                  scheduler: Optional[str] = None, low_memory: bool = False) -> StableDiffusionPipeline:
     """The pipeline of a diffusers folder (None or "": the built-in tiny model), optionally cast to
-    `dtype` and with another scheduler (a diffusers class name, e.g. "DDIMScheduler")."""
+    `dtype` and with another scheduler (a diffusers class name, e.g. "DDIMScheduler"); low_memory: see
+    `StableDiffusionPipeline.from_pretrained`."""
     from ..tiny import tiny_model_path
 
-    pipe = StableDiffusionPipeline.from_pretrained(model or tiny_model_path(), dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(model or tiny_model_path(), dtype=dtype, low_memory=low_memory)
     if scheduler:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")

@@ -1,0 +1,452 @@
+"""Multi-head scaled dot-product attention (Vaswani et al. 2017): one function, the path chosen by device and size.
+
+    attention(q, k, v, heads, mask=None, upcast=False)     # q (B, N, heads*D), k/v (B, M, heads*D) -> (B, N, heads*D)
+
+Every model here (UNet, VAE, CLIP text encoder, the scorer's networks) calls this one function. Paths:
+
+- "loop": one (sample, head) at a time with 2-D matmuls. On CPU Jittor runs 2-D matmuls through oneDNN but
+  batched ones as a generic broadcast-reduce loop (1.3-2.2x slower at SD sizes), so this is the CPU path.
+- "batched": all heads in one 4-D matmul (B, H, N, M): what a GPU wants (one batched GEMM, few kernels).
+- "memory_efficient": a `jt.Function` whose forward keeps only the output and each row's log-sum-exp, and whose
+  backward recomputes the scores one (sample, head, query chunk) at a time (the FlashAttention backward,
+  Dao et al. 2022). A plain path keeps every head's N x M exponentials for the backward pass: at 512 px
+  (N = M = 4096) that is 64 MB per head per layer, several GB over the UNet. Chosen when gradients flow and the
+  saved scores would be large.
+- "fused": one CUDA kernel (`jt.code`) computing a row per thread with an online softmax (Milakov & Gimelshein
+  2018), never materialising the scores; its backward is the memory-efficient one. Chosen on GPU for head sizes
+  up to 128. The kernel's row routine also compiles for CPU so its math is tested here; on CPU it is never chosen.
+
+Queries are processed in chunks whenever one chunk's scores would not fit in the memory budget
+(`query_chunk_size`: a quarter of the free memory, as diffusers' attention slicing), so inference at 768 px
+never allocates all heads' N x M scores at once either.
+
+Softmax is always taken in float32, and normalised after the value matmul (N*D divisions instead of N*M).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from .._runtime import jt
+
+nn = jt.nn
+
+PATHS = ("loop", "batched", "memory_efficient", "fused")
+# Saved scores (bytes, float32, all samples and heads) above which training uses the memory-efficient path.
+SAVED_SCORES_LIMIT = 64 * 2 ** 20
+FUSED_MAX_HEAD_DIM = 128
+
+
+# --------------------------------------------------------------------------- memory budget
+
+def free_memory_bytes() -> int:
+    """Free memory of the device Jittor computes on: GPU memory under CUDA, else the host's MemAvailable."""
+    if jt.flags.use_cuda:
+        try:
+            import ctypes
+            free, total = ctypes.c_size_t(), ctypes.c_size_t()
+            for name in ("libcudart.so", "libcudart.so.12", "libcudart.so.13", "libcudart.so.11.0"):
+                try:
+                    lib = ctypes.CDLL(name)
+                except OSError:
+                    continue
+                if lib.cudaMemGetInfo(ctypes.byref(free), ctypes.byref(total)) == 0:
+                    return int(free.value)
+        except Exception:  # noqa: BLE001  (no runtime: fall through to a safe guess)
+            pass
+        return 2 * 2 ** 30
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 * 2 ** 30
+
+
+def query_chunk_size(n: int, m: int, rows: int = 1, budget: Optional[int] = None) -> int:
+    """Queries per chunk so that `rows` (sample, head) pairs' float32 scores for one chunk, with the
+    exponentials beside them (x3), use at most `budget` bytes (default: a quarter of the free memory,
+    at most 1 GB). `JDIFFUSION_ATTENTION_CHUNK` forces a size."""
+    forced = os.environ.get("JDIFFUSION_ATTENTION_CHUNK")
+    if forced:
+        return max(1, min(n, int(forced)))
+    if budget is None:
+        budget = min(free_memory_bytes() // 4, 2 ** 30)
+    per_query = 3 * 4 * m * max(1, rows)
+    return max(1, min(n, budget // per_query))
+
+
+def _chunks(n: int, size: int):
+    return [(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+# --------------------------------------------------------------------------- path choice
+
+def _needs_grad(*xs) -> bool:
+    return not jt.flags.no_grad and any(x is not None and x.requires_grad for x in xs)
+
+
+_FORCED_PATH: Optional[str] = None
+
+
+class attention_path:
+    """Force every `attention` call to one path: `with attention_path("batched"): ...` (None: choose)."""
+
+    def __init__(self, path: Optional[str]):
+        if path is not None and path not in PATHS:
+            raise ValueError(f"unknown attention path {path!r}; choose from {PATHS}")
+        self.path = path
+
+    def __enter__(self):
+        global _FORCED_PATH
+        self.previous, _FORCED_PATH = _FORCED_PATH, self.path
+        return self
+
+    def __exit__(self, *exc):
+        global _FORCED_PATH
+        _FORCED_PATH = self.previous
+
+
+def choose_path(q, k, v, heads: int, mask=None, dropout: float = 0.0) -> str:
+    """The path `attention` takes for these inputs on this device (see the module docstring)."""
+    if _FORCED_PATH is not None:
+        return _FORCED_PATH
+    b, n, inner = q.shape
+    m, d = k.shape[1], inner // heads
+    grad = _needs_grad(q, k, v)
+    if grad and dropout > 0:
+        return "loop" if not jt.flags.use_cuda else "batched"   # dropout only on the plain paths
+    if jt.flags.use_cuda and mask is None and d <= FUSED_MAX_HEAD_DIM:
+        return "fused"
+    if grad and 4 * b * heads * n * m > SAVED_SCORES_LIMIT:
+        return "memory_efficient"
+    return "batched" if jt.flags.use_cuda else "loop"
+
+
+def attention(q, k, v, heads: int, mask=None, upcast: bool = False, dropout: float = 0.0,
+              path: Optional[str] = None, chunk: Optional[int] = None):
+    """Multi-head scaled dot-product attention.
+
+    q: (B, N, heads*D), k/v: (B, M, heads*D); mask: additive, broadcastable to (B, heads, N, M).
+    upcast: compute q k^T in float32 (diffusers' `upcast_attention`); dropout: on the probabilities
+    (training only). path: force one of PATHS; chunk: force the query chunk size.
+    Returns (B, N, heads*D) in q's dtype.
+    """
+    if path is None:
+        path = choose_path(q, k, v, heads, mask, dropout)
+    if path not in PATHS:
+        raise ValueError(f"unknown attention path {path!r}; choose from {PATHS}")
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.ndim) + tuple(mask.shape))       # (B|1, heads|1, N|1, M)
+    dtype = q.dtype
+    if upcast:
+        q, k, v = q.float32(), k.float32(), v.float32()
+    if path == "fused":
+        out = fused_attention(q, k, v, heads)
+    elif path == "memory_efficient":
+        out = MemoryEfficientAttention(heads, chunk)(q, k, v, None if mask is None else _constant(mask))
+    elif path == "batched":
+        out = _batched(q, k, v, heads, mask, dropout, chunk)
+    else:
+        out = _loop(q, k, v, heads, mask, dropout, chunk)
+    return out.cast(dtype)
+
+
+# --------------------------------------------------------------------------- plain paths
+
+def _reduce_rows(x, op: str):
+    """max or sum over the last axis of (N, M) -> (N, 1).
+
+    Jittor's CPU kernel for a last-axis reduce does not vectorise; reducing a (N, 16, M/16)
+    view over the middle axis first does, and is 3-4x faster for M >= 256.
+    """
+    n, m = x.shape
+    if m % 16 == 0 and m >= 128:
+        x = x.reshape(n, 16, m // 16)
+        x = x.max(dim=1) if op == "max" else x.sum(dim=1)                     # (N, M/16)
+    return x.max(dim=-1, keepdims=True) if op == "max" else x.sum(dim=-1, keepdims=True)
+
+
+def _mask_rows(mask, i: int, h: int, rows: slice):
+    """The (rows, M) block of a (B|1, H|1, N|1, M) mask for sample i, head h."""
+    blk = mask[min(i, mask.shape[0] - 1), min(h, mask.shape[1] - 1)]         # (N|1, M)
+    return blk if blk.shape[0] == 1 else blk[rows]
+
+
+def _loop(q, k, v, heads, mask, dropout, chunk):
+    b, n, inner = q.shape
+    m, d = k.shape[1], inner // heads
+    scale = d ** -0.5
+    size = chunk or query_chunk_size(n, m)
+    # Inference on large blocks: compute each block before building the next, or Jittor's lazy graph
+    # holds every (sample, head) block's scores at once. (Training graphs keep them anyway.)
+    eager = not _needs_grad(q, k, v) and size * m >= 2 ** 20
+    samples = []
+    for i in range(b):
+        outs = []
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            kh, vh = k[i, :, cols], v[i, :, cols]                             # (M, D)
+            parts = []
+            for s, e in _chunks(n, size):
+                scores = nn.matmul_transpose(q[i, s:e, cols] * scale, kh)     # (n, M)
+                if scores.dtype != "float32":
+                    scores = scores.float32()
+                if mask is not None:
+                    scores = scores + _mask_rows(mask, i, h, slice(s, e))
+                # softmax is shift-invariant: the row max needs no gradient. stop_fuse keeps exp()
+                # out of the row-sum kernel (fused, that kernel is 2x slower than both apart).
+                ex = (scores - _reduce_rows(scores, "max").stop_grad()).exp().stop_fuse()   # (n, M)
+                used = nn.dropout(ex, dropout, is_train=True) if dropout > 0 else ex
+                parts.append(nn.matmul(used.cast(v.dtype), vh) / _reduce_rows(ex, "sum").cast(v.dtype))
+                if eager:   # one block's scores at a time (see MemoryEfficientAttention)
+                    parts[-1].sync()
+            outs.append(parts[0] if len(parts) == 1 else jt.concat(parts, dim=0))   # (N, D)
+        samples.append(outs[0] if heads == 1 else jt.concat(outs, dim=1))      # (N, heads*D)
+    return samples[0].unsqueeze(0) if b == 1 else jt.stack(samples, dim=0)
+
+
+def _split_heads(x, heads):  # (B, N, H*D) -> (B, H, N, D)
+    b, n, inner = x.shape
+    return x.reshape(b, n, heads, inner // heads).transpose(0, 2, 1, 3)
+
+
+def _batched(q, k, v, heads, mask, dropout, chunk):
+    b, n, inner = q.shape
+    m, d = k.shape[1], inner // heads
+    qh, kt, vh = _split_heads(q * d ** -0.5, heads), _split_heads(k, heads).transpose(0, 1, 3, 2), _split_heads(v, heads)
+    size = chunk or query_chunk_size(n, m, rows=b * heads)
+    parts = []
+    for s, e in _chunks(n, size):
+        scores = jt.matmul(qh[:, :, s:e], kt).float32()                        # (B, H, n, M)
+        if mask is not None:
+            scores = scores + (mask if mask.shape[2] == 1 else mask[:, :, s:e])
+        ex = (scores - scores.max(dim=-1, keepdims=True).stop_grad()).exp()
+        used = nn.dropout(ex, dropout, is_train=True) if dropout > 0 else ex
+        parts.append(jt.matmul(used.cast(v.dtype), vh) / ex.sum(dim=-1, keepdims=True).cast(v.dtype))  # (B, H, n, D)
+    out = parts[0] if len(parts) == 1 else jt.concat(parts, dim=2)
+    return out.transpose(0, 2, 1, 3).reshape(b, n, inner)
+
+
+# --------------------------------------------------------------------------- memory-efficient path
+
+def _block_matmul(a, b_, transpose_b: bool = False):
+    """2-D matmul on CPU (oneDNN), also fine on GPU."""
+    return nn.matmul_transpose(a, b_) if transpose_b else nn.matmul(a, b_)
+
+
+def _constant(x):
+    """A stop-grad view of x (Jittor's `detach()` still requires grad)."""
+    return x.detach().stop_grad()
+
+
+class MemoryEfficientAttention(jt.Function):
+    """Attention whose backward recomputes the scores per (sample, head, query chunk).
+
+    Saved for the backward: q, k, v, the output and one log-sum-exp per query row (B, H, N): O(N*D), not O(N*M).
+    The backward is FlashAttention's (Dao et al. 2022, algorithm 2) on blocks:
+        P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s.
+
+
+    Jittor runs a lazy graph and, left alone, schedules every block's score matmul before any softmax, so
+    all blocks' N x M buffers are alive together (10 GB for 5 layers x 5 heads at 4096 tokens, measured).
+    Each block is therefore computed (`jt.sync`) before the next is built: the graph upstream runs at that
+    point, which costs nothing here (its values are kept for the backward anyway).
+    """
+
+    def __init__(self, heads: int, chunk: Optional[int] = None):
+        self.heads = heads
+        self.chunk = chunk
+
+    def _blocks(self, q, k):
+        b, n, inner = q.shape
+        d = inner // self.heads
+        if self.chunk is None:  # fixed at the forward pass, so the backward walks the same blocks
+            self.chunk = query_chunk_size(n, k.shape[1])
+        size = self.chunk
+        for i in range(b):
+            for h in range(self.heads):
+                yield i, h, slice(h * d, (h + 1) * d), _chunks(n, size)
+
+    def _scores(self, q, k, i, h, cols, s, e, mask):
+        d = q.shape[2] // self.heads
+        scores = _block_matmul(q[i, s:e, cols].float32() * d ** -0.5, k[i, :, cols].float32(), True)   # (n, M)
+        if mask is not None:
+            scores = scores + _mask_rows(mask, i, h, slice(s, e))
+        return scores
+
+    def execute(self, q, k, v, mask=None):
+        b, n, inner = q.shape
+        dtype = q.dtype
+        q, k, v = _constant(q), _constant(k), _constant(v)      # the backward is ours: no graph kept here
+        samples, lses = [], []
+        for i, h, cols, chunks in self._blocks(q, k):
+            if h == 0:
+                samples.append([])
+            vh = v[i, :, cols].float32()
+            outs = []
+            for s, e in chunks:
+                scores = self._scores(q, k, i, h, cols, s, e, mask)
+                mx = _reduce_rows(scores, "max")                                  # (n, 1)
+                ex = (scores - mx).exp().stop_fuse()
+                total = _reduce_rows(ex, "sum")
+                outs.append(_block_matmul(ex, vh) / total)                        # (n, D)
+                lses.append(mx + total.log())                                     # (n, 1)
+                jt.sync(outs[-1:] + lses[-1:])   # one block's scores at a time (see the class docstring)
+            samples[-1].append(outs[0] if len(outs) == 1 else jt.concat(outs, dim=0))
+        out = jt.stack([jt.concat(o, dim=1) for o in samples], dim=0)             # (B, N, heads*D) float32
+        self.saved = (q, k, v, mask, out, lses)
+        return out.cast(dtype)
+
+    def grad(self, dout):
+        # Stop-grad copies: Jittor keeps the graph behind any computed Var that could still be differentiated
+        # (for higher-order gradients), which would keep every block's N x M buffers alive. (`detach()`
+        # alone does not stop gradients in Jittor 1.3.)
+        q, k, v, out = (_constant(x) for x in self.saved[:3] + self.saved[4:5])
+        mask, lses = self.saved[3], [_constant(x) for x in self.saved[5]]
+        b, n, inner = q.shape
+        d = inner // self.heads
+        scale = d ** -0.5
+        dout = _constant(dout).float32()
+        dq_s, dk_s, dv_s = [], [], []
+        lse_iter = iter(lses)
+        for i, h, cols, chunks in self._blocks(q, k):
+            if h == 0:
+                dq_s.append([]), dk_s.append([]), dv_s.append([])
+            kh, vh = k[i, :, cols].float32(), v[i, :, cols].float32()            # (M, D)
+            dq_parts, dk, dv = [], None, None
+            for s, e in chunks:
+                p = (self._scores(q, k, i, h, cols, s, e, mask) - next(lse_iter)).exp()   # (n, M)
+                do = dout[i, s:e, cols]                                           # (n, D)
+                dv_c = _block_matmul(p.transpose(1, 0), do)                       # (M, D)
+                dp = _block_matmul(do, vh, True)                                  # (n, M)
+                row = (do * out[i, s:e, cols]).sum(dim=1, keepdims=True)          # (n, 1)
+                ds = p * (dp - row)                                               # (n, M)
+                dq_parts.append(_block_matmul(ds, kh) * scale)                    # (n, D)
+                dk_c = _block_matmul(ds.transpose(1, 0), q[i, s:e, cols].float32()) * scale   # (M, D)
+                dk = dk_c if dk is None else dk + dk_c
+                dv = dv_c if dv is None else dv + dv_c
+                jt.sync([dq_parts[-1], dk, dv])   # one block's scores at a time (see the class docstring)
+            dq_s[-1].append(dq_parts[0] if len(dq_parts) == 1 else jt.concat(dq_parts, dim=0))
+            dk_s[-1].append(dk)
+            dv_s[-1].append(dv)
+
+        def join(parts, like):
+            return jt.stack([jt.concat(p, dim=1) for p in parts], dim=0).cast(like.dtype)
+
+        return join(dq_s, q), join(dk_s, k), join(dv_s, v), None
+
+
+# --------------------------------------------------------------------------- fused kernel
+
+# One query row per thread: q . k_j for every key, online softmax (running max and sum, the accumulator
+# rescaled when the max grows), then out = acc / sum and lse = max + log(sum). The row routine is shared by
+# the CUDA kernel (a thread per row) and a CPU loop (the same math, so tests check it without a GPU).
+_FUSED_HEADER = r"""
+#include <cmath>
+#ifdef __CUDACC__
+#define JDL_HD __device__ __forceinline__
+#else
+#define JDL_HD inline
+#endif
+#define JDL_D @D@
+JDL_HD void jdl_attention_row(const float* qr, const float* kb, const float* vb, float* orow, float* lse,
+                              int m, float scale) {
+    float qs[JDL_D], acc[JDL_D];
+    for (int c = 0; c < JDL_D; c++) { qs[c] = qr[c] * scale; acc[c] = 0.f; }
+    float mx = -1e30f, total = 0.f;
+    for (int j = 0; j < m; j++) {
+        const float* kj = kb + (size_t)j * JDL_D;
+        const float* vj = vb + (size_t)j * JDL_D;
+        float s = 0.f;
+        for (int c = 0; c < JDL_D; c++) s += qs[c] * kj[c];
+        float mn = s > mx ? s : mx;
+        float shrink = expf(mx - mn);
+        float p = expf(s - mn);
+        total = total * shrink + p;
+        for (int c = 0; c < JDL_D; c++) acc[c] = acc[c] * shrink + p * vj[c];
+        mx = mn;
+    }
+    for (int c = 0; c < JDL_D; c++) orow[c] = acc[c] / total;
+    *lse = mx + logf(total);
+}
+"""
+
+_FUSED_CUDA = r"""
+#ifdef __CUDACC__
+__global__ void jdl_attention_fwd_@D@(const float* q, const float* k, const float* v, float* o, float* lse,
+                                     int n, int m, float scale) {
+    int bh = blockIdx.y;
+    int row = blockIdx.x * blockDim.x + threadIdx.x;
+    if (row >= n) return;
+    size_t r = (size_t)bh * n + row;
+    jdl_attention_row(q + r * JDL_D, k + (size_t)bh * m * JDL_D, v + (size_t)bh * m * JDL_D,
+                      o + r * JDL_D, lse + r, m, scale);
+}
+#endif
+"""
+
+_FUSED_CUDA_SRC = r"""
+    int bh = in0_shape0, n = in0_shape1, m = in1_shape1;
+    dim3 grid((n + 127) / 128, bh);
+    jdl_attention_fwd_@D@<<<grid, 128>>>(in0_p, in1_p, in2_p, out0_p, out1_p, n, m, @SCALE@f);
+"""
+
+_FUSED_CPU_SRC = r"""
+    int bh = in0_shape0, n = in0_shape1, m = in1_shape1;
+    for (int g = 0; g < bh; g++)
+        for (int row = 0; row < n; row++) {
+            size_t r = (size_t)g * n + row;
+            jdl_attention_row(in0_p + r * JDL_D, in1_p + (size_t)g * m * JDL_D, in2_p + (size_t)g * m * JDL_D,
+                              out0_p + r * JDL_D, out1_p + r, m, @SCALE@f);
+        }
+"""
+
+
+def fused_forward(qh, kh, vh):
+    """The fused kernel on (G, N, D) / (G, M, D) float32 heads -> (out (G, N, D), lse (G, N))."""
+    g, n, d = qh.shape
+    if d > FUSED_MAX_HEAD_DIM:
+        raise ValueError(f"the fused attention kernel handles head sizes up to {FUSED_MAX_HEAD_DIM}, got {d}")
+    fill = {"@D@": str(d), "@SCALE@": repr(float(d ** -0.5))}
+
+    def sub(src):
+        for key, value in fill.items():
+            src = src.replace(key, value)
+        return src
+
+    header = sub(_FUSED_HEADER)
+    out, lse = jt.code([(g, n, d), (g, n)], ["float32", "float32"], [qh, kh, vh],
+                       cpu_header=header, cpu_src=sub(_FUSED_CPU_SRC),
+                       cuda_header=header + sub(_FUSED_CUDA), cuda_src=sub(_FUSED_CUDA_SRC))
+    return out, lse
+
+
+class FusedAttention(MemoryEfficientAttention):
+    """Forward: the fused kernel over all (sample, head) pairs; backward: the memory-efficient recomputation."""
+
+    def execute(self, q, k, v, mask=None):
+        b, n, inner = q.shape
+        heads, d = self.heads, inner // self.heads
+
+        def groups(x):  # (B, L, H*D) -> (B*H, L, D) float32, contiguous
+            return _split_heads(x.float32(), heads).reshape(b * heads, x.shape[1], d)
+
+        out, lse = fused_forward(groups(q), groups(k), groups(v))                 # (BH, N, D), (BH, N)
+        out = out.reshape(b, heads, n, d).transpose(0, 2, 1, 3).reshape(b, n, inner)
+        lse = lse.reshape(b, heads, n, 1)
+        # the backward walks (sample, head, chunk) blocks in the memory-efficient order
+        lses = [lse[i, h, s:e] for i, h, _, chunks in self._blocks(q, k) for s, e in chunks]
+        self.saved = (q, k, v, None, out, lses)
+        return out.cast(q.dtype)
+
+
+def fused_attention(q, k, v, heads: int):
+    """(B, N, heads*D) attention through the fused kernel (GPU; on CPU only for tests)."""
+    return FusedAttention(heads)(q, k, v, None)
+
+
+__all__ = ["attention", "attention_path", "choose_path", "query_chunk_size", "free_memory_bytes", "PATHS", "MemoryEfficientAttention",
+           "FusedAttention", "fused_forward"]

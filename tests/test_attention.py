@@ -1,0 +1,133 @@
+"""The one attention function: every path (loop, batched, memory-efficient, fused kernel's CPU build) gives the
+same output and gradients as the others and as PyTorch's / diffusers' attention, with masks and query chunks."""
+import numpy as np
+import pytest
+import torch
+
+from jdiffusion_lora._runtime import jt
+from jdiffusion_lora.models import attention as A
+from jdiffusion_lora.models.attention import PATHS, attention, attention_path, choose_path, query_chunk_size
+from jdiffusion_lora.models.layers import Attention
+from helpers import max_abs_diff, randomize
+
+TOL = 1e-5
+GRAD_TOL = 1e-4
+CPU_PATHS = ["loop", "batched", "memory_efficient", "fused"]   # "fused" runs its kernel's CPU build here
+
+
+def _inputs(b=2, n=37, m=29, heads=3, d=8, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((b, length, heads * d)).astype(np.float32) for length in (n, m, m)]
+
+
+def _torch_attention(q, k, v, heads, mask=None):
+    """Reference: torch's scaled_dot_product_attention on (B, H, L, D) heads."""
+    def split(x):
+        t = torch.from_numpy(x) if isinstance(x, np.ndarray) else x
+        return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        split(q), split(k), split(v), attn_mask=None if mask is None else torch.from_numpy(mask))
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_every_path_matches_torch_sdpa(path, chunk):
+    q, k, v = _inputs()
+    ref = _torch_attention(q, k, v, 3).numpy()
+    with jt.no_grad():
+        out = attention(jt.array(q), jt.array(k), jt.array(v), 3, path=path, chunk=chunk).numpy()
+    assert out.shape == (2, 37, 24)
+    assert max_abs_diff(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("path", ["loop", "batched", "memory_efficient"])
+def test_masked_paths_match_torch(path):
+    """Additive masks broadcast over samples/heads (the CLIP causal mask) and per sample."""
+    q, k, v = _inputs(n=11, m=11)
+    causal = np.triu(np.full((11, 11), -1e9, np.float32), 1)[None, None]            # (1, 1, N, M)
+    per_sample = np.random.default_rng(1).standard_normal((2, 1, 11, 11)).astype(np.float32)
+    for mask in (causal, per_sample):
+        ref = _torch_attention(q, k, v, 3, mask).numpy()
+        with jt.no_grad():
+            out = attention(jt.array(q), jt.array(k), jt.array(v), 3, mask=jt.array(mask), path=path, chunk=4).numpy()
+        assert max_abs_diff(out, ref) <= TOL
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_every_path_has_the_same_gradients(path):
+    """d(sum(out * w))/d(q, k, v) against torch autograd, the memory-efficient backward included."""
+    q, k, v = _inputs(n=19, m=23, heads=2, d=8, seed=3)
+    w = np.random.default_rng(4).standard_normal((2, 19, 16)).astype(np.float32)
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
+    (_torch_attention(tq, tk, tv, 2) * torch.from_numpy(w)).sum().backward()
+    jq, jk, jv = jt.array(q), jt.array(k), jt.array(v)
+    out = attention(jq, jk, jv, 2, path=path, chunk=5)
+    grads = jt.grad((out * jt.array(w)).sum(), [jq, jk, jv])
+    for ours, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        assert max_abs_diff(ours.numpy(), ref.numpy()) <= GRAD_TOL
+
+
+def test_memory_efficient_masked_gradients():
+    q, k, v = _inputs(n=9, m=9, heads=2, d=4, seed=5)
+    mask = np.triu(np.full((9, 9), -1e9, np.float32), 1)[None, None]
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
+    _torch_attention(tq, tk, tv, 2, mask).pow(2).sum().backward()
+    jq, jk, jv = jt.array(q), jt.array(k), jt.array(v)
+    out = attention(jq, jk, jv, 2, mask=jt.array(mask), path="memory_efficient", chunk=4)
+    for ours, ref in zip(jt.grad((out * out).sum(), [jq, jk, jv]), (tq.grad, tk.grad, tv.grad)):
+        assert max_abs_diff(ours.numpy(), ref.numpy()) <= GRAD_TOL
+
+
+@pytest.mark.parametrize("path", CPU_PATHS)
+def test_attention_module_matches_diffusers(path):
+    """diffusers' Attention (self- and cross-attention, SD 2 head layout) with our module forced onto each path."""
+    from diffusers.models.attention_processor import Attention as TorchAttention
+
+    ref = randomize(TorchAttention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8, bias=False), seed=2)
+    ours = Attention(16, cross_attention_dim=12, heads=2, dim_head=8, bias=False)
+    ours.load_parameters({k: v.detach().numpy() for k, v in ref.state_dict().items()})
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 20, 16)).astype(np.float32)
+    ctx = rng.standard_normal((2, 7, 12)).astype(np.float32)
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx)).numpy()
+    with jt.no_grad(), attention_path(path):
+        got = ours(jt.array(x), encoder_hidden_states=jt.array(ctx)).numpy()
+    assert max_abs_diff(got, expected) <= TOL
+
+
+def test_path_choice_on_cpu():
+    """CPU: the per-head loop for inference and small training graphs, the memory-efficient path when the
+    saved scores would be large; the fused kernel never (it is the GPU path)."""
+    assert not jt.flags.use_cuda
+    small = [jt.array(x) for x in _inputs(b=1, n=16, m=16, heads=2)]
+    with jt.no_grad():
+        assert choose_path(*small, heads=2) == "loop"
+    big = [jt.zeros((1, 4096, 320)) for _ in range(3)]
+    assert choose_path(*big, heads=5) == "memory_efficient"          # 5 heads x 4096^2 floats = 320 MB saved
+    with jt.no_grad():
+        assert choose_path(*big, heads=5) == "loop"
+    assert choose_path(*big, heads=5, dropout=0.1) == "loop"            # dropout: only the plain paths
+    with attention_path("batched"):
+        assert choose_path(*small, heads=2) == "batched"
+    assert choose_path(*small, heads=2) in ("loop", "memory_efficient")
+    with pytest.raises(ValueError, match="unknown attention path"):
+        attention_path("flash")
+    assert set(CPU_PATHS) == set(PATHS)
+
+
+def test_query_chunks_follow_the_budget(monkeypatch):
+    assert query_chunk_size(4096, 4096, budget=1 << 40) == 4096                          # everything fits
+    assert query_chunk_size(4096, 4096, rows=1, budget=3 * 4 * 4096 * 100) == 100
+    assert query_chunk_size(4096, 4096, budget=1) == 1
+    monkeypatch.setattr(A, "free_memory_bytes", lambda: 4 * 3 * 4 * 4096 * 512)          # a quarter: 512 rows
+    assert query_chunk_size(4096, 4096) == 512
+    monkeypatch.setenv("JDIFFUSION_ATTENTION_CHUNK", "64")
+    assert query_chunk_size(4096, 4096) == 64
+
+
+def test_fused_kernel_rejects_large_heads():
+    x = jt.zeros((1, 4, 256))
+    with pytest.raises(ValueError, match="head sizes up to 128"):
+        A.fused_forward(x, x, x)
