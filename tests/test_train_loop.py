@@ -13,6 +13,7 @@ import jdiffusion_lora  # noqa: F401  (configures Jittor first)
 from jdiffusion_lora.train import adapters as ad
 from jdiffusion_lora.train.batches import augment
 from jdiffusion_lora.train.objective import NonFiniteLoss
+from jdiffusion_lora.train.sampling import fixed_loss
 from jdiffusion_lora.train.trainer import Trainer
 from jdiffusion_lora.weights import load_weights
 
@@ -38,9 +39,9 @@ def test_loss_on_training_images_falls(tmp_path, prediction_type):
                max_train_steps=30, flip_p=0.0, max_grad_norm=0.0)
     t = Trainer(c, pipeline=tiny_pipeline(), printer=lambda s: None)
     t.setup()
-    before = t.fixed_loss(t.records, seed=1, repeats=4)
+    before = fixed_loss(t, t.records, seed=1, repeats=4)
     result = t.run()
-    after = t.fixed_loss(t.records, seed=1, repeats=4)
+    after = fixed_loss(t, t.records, seed=1, repeats=4)
     assert t.noise_scheduler.config.prediction_type == prediction_type
     assert result.step == 30 and os.path.isfile(result.lora_files[0])
     assert after < 0.7 * before, (before, after)

@@ -36,6 +36,13 @@ CLASS_OFFSET = 1 << 40      # noise streams of class sample i: index i + CLASS_O
 LORA_GA_OFFSET = 1 << 41    # LoRA-GA's batches: sample indices from here on
 
 
+def step_seed(seed: int, step: int, micro: int = 0) -> int:
+    """Seed of Jittor's generator for micro-batch `micro` (counted over all ranks) of optimizer step `step`
+    (LoRA dropout)."""
+    key = [int(seed), int(step), 7] + ([int(micro)] if micro else [])
+    return int(np.random.SeedSequence(key).generate_state(1)[0] % (2 ** 31 - 1))
+
+
 @dataclass
 class Sample:
     index: int
@@ -116,6 +123,15 @@ class SampleBuilder:
                                         read_only=not dist.is_writer())
         # data parallel: this rank does micro-batches rank*accum .. rank*accum+accum-1 of each step's global batch
         self.world, self.rank, self.accum = 1, 0, c.gradient_accumulation_steps
+
+    def split(self, world: int, rank: int, global_batch_size: int) -> int:
+        """This rank's share of each step: accumulation steps per rank from the global batch
+        (0: train_batch_size x gradient_accumulation_steps x world). Returns the global batch."""
+        c = self.c
+        self.accum, global_batch = dist.split_batch(c.train_batch_size, c.gradient_accumulation_steps,
+                                                    global_batch_size, world)
+        self.world, self.rank = world, rank
+        return global_batch
 
     def micro_batch(self, step: int, micro: int) -> List[Sample]:
         """The samples of micro-batch `micro` of optimizer step `step` (plus as many class samples)."""

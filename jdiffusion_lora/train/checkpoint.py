@@ -397,7 +397,7 @@ def adopt_global_batch(t: "Trainer", checkpoint: str, state: dict) -> None:
     if c.global_batch_size:
         raise ValueError(f"cannot resume from {checkpoint}: it trained with a global batch of {saved}, this run "
                          f"asks for global_batch_size {c.global_batch_size}")
-    t.set_batch_split(saved)
+    t.global_batch = t.batches.split(t.world, dist.rank(), saved)
     t.print(f"resume: keeping the checkpoint's global batch of {saved} = {t.world} rank(s) x "
             f"train_batch_size {c.train_batch_size} x {t.batches.accum} accumulation step(s)")
 

@@ -224,3 +224,10 @@ class Optimizer:
             var.update(jt.array(arr.astype(np.float32)))
         self.step_count = int(step_count)
         jt.sync_all()
+
+
+def update_ema(ema: Sequence, params: Sequence, decay: float) -> None:
+    """Exponential moving average of the trained weights: e <- decay * e + (1 - decay) * p."""
+    for e, p in zip(ema, params):
+        e.update(e * decay + p * (1.0 - decay))
+    jt.sync(list(ema))

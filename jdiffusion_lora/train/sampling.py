@@ -1,9 +1,10 @@
 """What a run shows while it trains: sample images (a labelled grid every `sample_every` steps), their
-scores from the local scorer (`sample_scores`), and the loss curve.
+scores from the local scorer (`sample_scores`), the loss curve and the validation loss.
 
     path = sample_images(trainer, step)     # samples/step_000200.png, logged to TensorBoard, maybe scored
                                             # (prompts: sample_prompts.py, kohya's prompt files included)
     path = plot_loss(trainer)               # loss_curve.png (train and validation loss)
+    loss = validation_loss(trainer)         # mean loss on the held-out images, noise and timesteps fixed
 """
 from __future__ import annotations
 
@@ -101,3 +102,23 @@ def plot_loss(t: "Trainer") -> str:
         series["validation loss"] = val
     plot_curves(series, path, title="loss")
     return path
+
+
+def validation_loss(t: "Trainer") -> float:
+    """Mean loss on the held-out images (see `fixed_loss`)."""
+    return fixed_loss(t, t.data.validation, t.c.validation_seed)
+
+
+def fixed_loss(t: "Trainer", records, seed: int, repeats: int = 1) -> float:
+    """Mean loss over `records` (each `repeats` times) with noise, timesteps and captions fixed by
+    `seed`, centre crops, no flip, no dropout: comparable between calls."""
+    from .._runtime import jt
+    t.setup()
+    total, n = 0.0, 0
+    with t.evaluating():
+        for sample in t.batches.fixed(records, seed, repeats):
+            with jt.no_grad():
+                loss, _ = t.loss([sample])
+                total += float(loss.item())
+                n += 1
+    return total / max(1, n)

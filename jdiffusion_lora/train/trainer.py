@@ -1,22 +1,19 @@
 """The style-LoRA training loop.
 
-One optimizer step s uses `gradient_accumulation_steps` micro-batches of `train_batch_size`
-samples. Sample i (a global counter, s * batch * accumulation + ...) owns its random streams
-(`batches.py`): its image, crop, flip, caption, VAE posterior draw, timestep and noise. Jittor's own
-generator (LoRA dropout) is re-seeded from (seed, s, micro-batch) at every micro-batch. So a sample
-does not depend on the batch it falls in, k micro-batches of 1 equal one batch of k, and a resumed run repeats the
-uninterrupted one bit for bit (CPU).
-
-Under `mpirun -np N` (distributed.py) rank r does micro-batches r*k .. r*k+k-1 of each step's global
-batch, the gradients meet in one all-reduce per step, and only rank 0 writes files: N ranks reproduce
-one process with the same global batch.
+One optimizer step s uses `gradient_accumulation_steps` micro-batches of `train_batch_size` samples. Sample i
+(a global counter, s * batch * accumulation + ...) owns its random streams (`batches.py`): its image, crop, flip,
+caption, VAE posterior draw, timestep and noise. Jittor's own generator (LoRA dropout) is re-seeded from
+(seed, s, micro-batch) at every micro-batch. So a sample does not depend on the batch it falls in, k micro-batches
+of 1 equal one batch of k, and a resumed run repeats the uninterrupted one bit for bit (CPU). Under `mpirun -np N`
+(distributed.py) N ranks share each step's global batch and reproduce one process.
 
     trainer = Trainer(config)          # config: TrainConfig
     result = trainer.run()             # -> TrainResult (paths, final loss, stop reason)
 
-The helpers, one job per file: batches (samples and the latent cache), objective (the loss),
-adapters (LoRA injection, LoRA-GA), optim (groups, schedule, clipping), checkpoint (LoRA files,
-checkpoints, resume), sampling (sample images, their scores, the loss curve), logging (metrics.jsonl, TensorBoard).
+The helpers, one job per file: batches (samples, their random streams, the latent cache), objective (the loss),
+adapters (LoRA injection, LoRA-GA), optim (groups, schedule, clipping, EMA), precision (half weights, loss
+scaling), checkpoint (LoRA files, checkpoints, resume), sampling (sample images, scores, loss curve, validation
+loss), logging (metrics.jsonl, TensorBoard), signals (SIGINT/SIGTERM), distributed (mpirun), textual_inversion.
 """
 from __future__ import annotations
 
@@ -35,7 +32,7 @@ from ..pipelines import load_pipeline
 from ..weights import atomic_write_bytes, remove_stale_temp_files
 from . import adapters as ad
 from . import distributed as dist
-from .batches import Sample, SampleBuilder, prepare_class_images
+from .batches import Sample, SampleBuilder, prepare_class_images, step_seed
 from .cache import TextCache
 from .checkpoint import (clear_old_checkpoints, latest_checkpoint, resolve_resume, restore, save_checkpoint,
                          write_final_lora)
@@ -44,8 +41,10 @@ from .data import ImageRecord, discover
 from .logging import MetricsLog, progress_bar
 from .objective import DenoisingLoss, NonFiniteLoss, check_model_fits, nonfinite_error, training_scheduler
 from . import precision
-from .optim import Optimizer, build_param_groups, clip_scale, describe_groups, global_grad_norm, schedule_for
-from .sampling import plot_loss, sample_images
+from .optim import (Optimizer, build_param_groups, clip_scale, describe_groups, global_grad_norm, schedule_for,
+                    update_ema)
+from .sampling import plot_loss, sample_images, validation_loss
+from .signals import stop_on_signals
 from .textual_inversion import TokenEmbeddings
 
 
@@ -60,13 +59,6 @@ class TrainResult:
     loss_curve: Optional[str] = None
     last_loss: float = float("nan")
     signal: Optional[int] = None        # the signal that stopped the run
-
-
-def step_seed(seed: int, step: int, micro: int = 0) -> int:
-    """Seed of Jittor's generator for micro-batch `micro` (counted over all ranks) of optimizer step `step`
-    (LoRA dropout)."""
-    key = [int(seed), int(step), 7] + ([int(micro)] if micro else [])
-    return int(np.random.SeedSequence(key).generate_state(1)[0] % (2 ** 31 - 1))
 
 
 class Trainer:
@@ -110,7 +102,7 @@ class Trainer:
         self.order, self.caption_options = self.batches.order, self.batches.caption_options
         self.latent_cache = self.batches.latent_cache
         self.world = dist.world_size()
-        self.set_batch_split(c.global_batch_size)
+        self.global_batch = self.batches.split(self.world, dist.rank(), c.global_batch_size)
 
         self.ti = None   # Textual Inversion: one new token per style, its trigger
         if c.textual_inversion:
@@ -170,7 +162,7 @@ class Trainer:
         result = TrainResult(step=self.start_step, stopped="done", output_dir=c.output_dir)
         step, t0 = self.start_step, time.time()
         with contextlib.closing(self.metrics), progress_bar(c.progress_bar and writer, c.max_train_steps, step) as bar, \
-                self.stop_on_signals():
+                stop_on_signals(self.request_stop):
             while step < end:
                 m = self.train_step(step)
                 step += 1
@@ -179,7 +171,7 @@ class Trainer:
                 if step % c.log_every == 0 or step == end:
                     self.metrics.log(step, {**m, "it_per_s": rate})
                 if c.validation_every and self.data.validation and step % c.validation_every == 0 and writer:
-                    self.metrics.log(step, {"val/loss": self.validation_loss()})
+                    self.metrics.log(step, {"val/loss": validation_loss(self)})
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", its=f"{rate:.2f}")
@@ -247,10 +239,7 @@ class Trainer:
             acc = [g * clip for g in acc]
         self.optimizer.step(acc)
         if self.ema is not None:
-            d = c.ema_decay
-            for e, p in zip(self.ema, self.params):
-                e.update(e * d + p * (1.0 - d))
-            jt.sync(self.ema)
+            update_ema(self.ema, self.params, c.ema_decay)
         m = {"loss": red.loss, "lr": c.learning_rate * scale, "grad_norm": norm}
         if c.mixed_precision != "no":
             m.update(skipped_steps=self.scaler.skipped_steps, loss_scale=self.scaler.factor)
@@ -258,38 +247,12 @@ class Trainer:
             m["allreduce_s"] = red.seconds
         return m
 
-    def set_batch_split(self, global_batch_size: int) -> None:
-        """This rank's share of each step: accumulation steps per rank from the global batch (0: B x k x world)."""
-        c = self.c
-        accum, self.global_batch = dist.split_batch(c.train_batch_size, c.gradient_accumulation_steps,
-                                                    global_batch_size, self.world)
-        self.batches.world, self.batches.rank, self.batches.accum = self.world, dist.rank(), accum
-
     def raise_nonfinite(self, step: int, what: str, samples: Sequence[Sample], grads) -> None:
         """Stop, naming what is not finite (input, adapter weight, gradient, base weight)."""
         models = {"unet": self.unet, "text_encoder": self.text_encoder}
         what += f" on rank {dist.rank()} of {self.world}" if dist.active() else ""
         raise nonfinite_error(step, what, samples, self.pairs, self.param_names, grads, models,
                               latest_checkpoint(self.c.output_dir))
-
-    def validation_loss(self) -> float:
-        """Mean loss on the held-out images (see `fixed_loss`)."""
-        return self.fixed_loss(self.data.validation, self.c.validation_seed)
-
-    def fixed_loss(self, records: Sequence[ImageRecord], seed: int, repeats: int = 1) -> float:
-        """Mean loss over `records` (each `repeats` times) with noise, timesteps and captions fixed by
-        `seed`, centre crops, no flip, no dropout: comparable between calls."""
-        self.setup()
-        total, n = 0.0, 0
-        with self.evaluating():
-            for sample in self.batches.fixed(records, seed, repeats):
-                with jt.no_grad():
-                    loss, _ = self.loss([sample])
-                    total += float(loss.item())
-                    n += 1
-        return total / max(1, n)
-
-    # ------------------------------------------------------------------ logs, modes and signals
 
     def open_logs(self) -> None:
         """config.toml and the metrics log in output_dir; print what is trained."""
@@ -334,18 +297,3 @@ class Trainer:
     def should_stop(self) -> bool:
         """Stop after this step? Under MPI every rank decides alike, from the step's all-reduce."""
         return self.stop_agreed if self.world > 1 else self._stop_signal is not None
-
-    @contextlib.contextmanager
-    def stop_on_signals(self):
-        """SIGINT / SIGTERM call `request_stop` inside; the previous handlers are restored after."""
-        previous = {}
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[s] = signal.signal(s, lambda signum, frame: self.request_stop(signum))
-            except ValueError:  # not the main thread: no handlers, request_stop() still works
-                break
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
