@@ -31,6 +31,7 @@ BY_FLAG = {
     ("--weights", "DIR"): "{tmp}/no-scorer-weights",
     ("--generated", "OUT"): "{tmp}/submit",
     ("--out", "submit"): "{tmp}/submit",
+    ("--out", "sub"): "{tmp}/submit",
     ("--size", "512"): "64",
     ("--steps", "100"): "2",
     ("--steps", "30"): "2",
@@ -47,6 +48,9 @@ BY_TOKEN = {
     "IN": "{lora}",
     "OUT": "{tmp}/converted.safetensors",
     "style_pack.safetensors": "{lora}",
+    "out/pytorch_lora_weights.safetensors": "{lora}",
+    "my.toml": "configs/demo.toml",
+    "/data/B": "{styles}",
     "kohya|diffusers": "kohya",
     "...": "a red circle on a blue background",
 }
@@ -173,12 +177,35 @@ def _fake_paths(tmp):
             "lora": str(tmp / "lora.safetensors")}
 
 
+# mpirun's options that take a value (the rest of the line is the command it launches).
+MPIRUN_VALUED = {"-np", "-n", "-H", "--host", "-x", "--hostfile", "--map-by", "--bind-to"}
+
+
+def launched(command):
+    """The one-process command inside a multi-process launch, and whether it was one:
+    `mpirun [options] CMD` -> CMD; `bash train.sh --nproc N ...` -> the same without `--nproc N`.
+    Several processes are tests/test_distributed.py's to run (mpirun with 2 ranks on CPU); this test
+    parses what each rank runs."""
+    tokens = shlex.split(command)
+    if tokens[0] == "mpirun":
+        i = 1
+        while i < len(tokens) and tokens[i].startswith("-"):
+            i += 2 if tokens[i] in MPIRUN_VALUED else 1
+        return shlex.join(tokens[i:]), True
+    if tokens[:2] == ["bash", "train.sh"] and "--nproc" in tokens:
+        i = tokens.index("--nproc")
+        return shlex.join(tokens[:i] + tokens[i + 2:]), True
+    return command, False
+
+
 def _commands_to_run():
+    """[(line, command, previous infer.py options, multi-process)] of the README commands we run."""
     previous_generate, out = None, []
     for line, command in readme_commands():
         if _skip_reason(command):
             continue
-        out.append((line, command, previous_generate))
+        command, multi = launched(command)
+        out.append((line, command, previous_generate, multi))
         if command.startswith("python infer.py "):
             previous_generate = command[len("python infer.py "):]
     return out
@@ -191,8 +218,8 @@ def test_readme_commands_parse(tmp_path):
 
     parser = build_parser()
     commands = _commands_to_run()
-    assert any(c.startswith("python -m jdiffusion_lora.cli package") for _, c, _ in commands)
-    for line, command, previous in commands:
+    assert any(c.startswith("python -m jdiffusion_lora.cli package") for _, c, _, _ in commands)
+    for line, command, previous, _ in commands:
         argv, kind = substitute(command, _fake_paths(tmp_path), previous)
         try:
             args = parser.parse_args(cli_argv(argv, kind))
@@ -204,7 +231,7 @@ def test_readme_commands_parse(tmp_path):
 
 def test_readme_command_table_is_used():
     """Guard against a stale table: every placeholder the README uses is one we replace."""
-    words = {tok for _, c, _ in _commands_to_run() for tok in re.findall(r"\b[A-Z]{2,}(?::[A-Z]+)?\b", c)}
+    words = {tok for _, c, _, _ in _commands_to_run() for tok in re.findall(r"\b[A-Z]{2,}(?::[A-Z]+)?\b", c)}
     assert words <= set(BY_TOKEN), f"README placeholders without a substitution: {words - set(BY_TOKEN)}"
 
 
@@ -222,7 +249,8 @@ def test_readme_commands_run(tmp_path):
     paths = {"tmp": str(tmp_path), "model": tiny_model_path(), "styles": os.path.join(ROOT, "styles"),
              "lora": str(lora_dir / "pytorch_lora_weights.safetensors")}
     os.makedirs(tmp_path / "no-scorer-weights", exist_ok=True)
-    runs = [(line, command, *substitute(command, paths, previous)) for line, command, previous in _commands_to_run()]
+    runs = [(line, command, *substitute(command, paths, previous))
+            for line, command, previous, multi in _commands_to_run() if not multi]
     runs.sort(key=lambda r: RUN_ORDER.index(r[3]))   # stable: README order within a kind
     for line, command, argv, kind in runs:
         if argv[0] == "python":

@@ -78,7 +78,7 @@ def add_arguments(p: argparse.ArgumentParser, default_workers="1") -> None:
 
 def check_arguments(args) -> None:
     """Numeric options in range (ConfigError naming the option and the range)."""
-    from ..train.config import AT_LEAST_1, GUIDANCE, PIXELS, SEED_RANGE, check_ranges
+    from ..configuration import AT_LEAST_1, GUIDANCE, PIXELS, SEED_RANGE, check_ranges
     check_ranges(vars(args), {"steps": AT_LEAST_1, "guidance": GUIDANCE, "size": PIXELS, "height": PIXELS,
                               "width": PIXELS, "seed": SEED_RANGE, "batch_size": AT_LEAST_1})
 

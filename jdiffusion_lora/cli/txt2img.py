@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
 
 def check_arguments(args) -> None:
     """Numeric options in range (ConfigError naming the option and the range)."""
-    from ..train.config import AT_LEAST_1, GUIDANCE, PIXELS, SEED_RANGE, check_ranges
+    from ..configuration import AT_LEAST_1, GUIDANCE, PIXELS, SEED_RANGE, check_ranges
     check_ranges(vars(args), {"steps": AT_LEAST_1, "guidance": GUIDANCE, "num_images": AT_LEAST_1,
                               "height": PIXELS, "width": PIXELS, "seed": SEED_RANGE})
 

@@ -10,7 +10,6 @@ note naming ours (train/aliases.py).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import sys
@@ -24,7 +23,8 @@ else:  # Python 3.9 / 3.10: the same parser as a package (a dependency there)
 
 from .aliases import ALIASES, IGNORED, NO_EQUIVALENT, SWITCHES_IGNORED, kohya_values, translate
 
-from ..configuration import ConfigError
+from ..configuration import (AT_LEAST_0, AT_LEAST_1, BELOW_1, GUIDANCE, PIXELS, POSITIVE, PROBABILITY, SEED_RANGE,
+                             ConfigError, Range, check_ranges)
 
 
 @dataclass
@@ -207,42 +207,6 @@ CHOICES: Dict[str, tuple] = {
 }
 
 
-@dataclass(frozen=True)
-class Range:
-    """The allowed values of a numeric option: finite, within [lo, hi] (either end open), a multiple of `step`."""
-    lo: Optional[float] = None
-    hi: Optional[float] = None
-    lo_open: bool = False
-    hi_open: bool = False
-    multiple_of: int = 0
-
-    def allows(self, v) -> bool:
-        if isinstance(v, float) and not math.isfinite(v):
-            return False
-        if self.lo is not None and not (v > self.lo if self.lo_open else v >= self.lo):
-            return False
-        if self.hi is not None and not (v < self.hi if self.hi_open else v <= self.hi):
-            return False
-        return not self.multiple_of or v % self.multiple_of == 0
-
-    def describe(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            text = f"in {'(' if self.lo_open else '['}{self.lo}, {self.hi}{')' if self.hi_open else ']'}"
-        elif self.lo is not None:
-            text = f"{'>' if self.lo_open else '>='} {self.lo}"
-        elif self.hi is not None:
-            text = f"{'<' if self.hi_open else '<='} {self.hi}"
-        else:
-            text = "a finite number"
-        return f"a multiple of {self.multiple_of} {text}" if self.multiple_of else text
-
-
-POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, lo_open=True), Range(0), Range(1)
-PROBABILITY, BELOW_1 = Range(0, 1), Range(0, 1, hi_open=True)
-SEED_RANGE = Range(0, 2 ** 32 - 1)
-PIXELS = Range(8, multiple_of=8)   # the VAE halves the size three times
-GUIDANCE = Range(0)
-
 # Every int / float option of TrainConfig (a test checks none is missing).
 RANGES: Dict[str, Range] = {
     "seed": SEED_RANGE, "max_train_steps": AT_LEAST_1, "resolution": PIXELS, "flip_p": PROBABILITY,
@@ -264,15 +228,9 @@ RANGES: Dict[str, Range] = {
     "ema_decay": BELOW_1, "save_every": AT_LEAST_0, "keep_last": AT_LEAST_0, "log_every": AT_LEAST_1,
     "sample_every": AT_LEAST_0, "sample_seed": SEED_RANGE, "sample_steps": AT_LEAST_1, "sample_guidance": GUIDANCE,
     "before_after_prompts": AT_LEAST_0, "validation_every": AT_LEAST_0, "validation_seed": SEED_RANGE,
+    "min_bucket_reso": PIXELS, "max_bucket_reso": PIXELS, "bucket_reso_steps": PIXELS,
+    "ti_num_vectors": AT_LEAST_1, "ti_learning_rate": POSITIVE,
 }
-
-
-def check_ranges(values: Dict[str, Any], ranges: Dict[str, Range]) -> None:
-    """Raise ConfigError for the first value outside its range, naming the option, its flag and the range."""
-    for name, rule in ranges.items():
-        value = values.get(name)
-        if value is not None and not rule.allows(value):
-            raise ConfigError(f"{name} (--{name.replace('_', '-')}) must be {rule.describe()}, got {value!r}")
 
 
 def _is_list(tp) -> bool:
@@ -417,14 +375,10 @@ def validate(c: TrainConfig) -> None:
                           "and textual_inversion is off")
     if c.textual_inversion and not c.trigger_template:
         raise ConfigError("textual_inversion learns each style's trigger token: set trigger_template")
-    if c.ti_num_vectors < 1:
-        raise ConfigError(f"ti_num_vectors must be >= 1, got {c.ti_num_vectors}")
     if c.output_name and (os.sep in c.output_name or c.output_name in (".", "..") or
                           c.output_name.endswith(".safetensors")):
         raise ConfigError(f"output_name is a file name without folder or extension, got {c.output_name!r}")
     if c.enable_bucket:
-        if c.bucket_reso_steps < 8 or c.bucket_reso_steps % 8:
-            raise ConfigError(f"bucket_reso_steps must be a multiple of 8, got {c.bucket_reso_steps}")
         if not c.bucket_reso_steps <= c.min_bucket_reso <= c.resolution <= c.max_bucket_reso:
             raise ConfigError(f"buckets need bucket_reso_steps <= min_bucket_reso <= resolution <= max_bucket_reso, "
                               f"got {c.bucket_reso_steps}, {c.min_bucket_reso}, {c.resolution}, {c.max_bucket_reso}")
