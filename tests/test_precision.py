@@ -17,6 +17,7 @@ from jdiffusion_lora._runtime import DEVICE, jt
 from jdiffusion_lora.lora import AdapterConfig, inject_adapter, named_lora_parameters
 from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionModel
 from jdiffusion_lora.train import precision
+from jdiffusion_lora.train.batches import SampleBuilder
 from jdiffusion_lora.train.objective import per_sample_loss
 from jdiffusion_lora.train.precision import GradScaler
 from jdiffusion_lora.train.trainer import Trainer
@@ -153,7 +154,7 @@ def test_fp16_training_skips_an_inf_step_and_resumes_with_its_scale(tmp_path, mo
     """A sample with an inf latent at step 2 (index 1): that step is skipped (weights untouched), the
     scale halves; stopped after step 2 and resumed, the run ends where an uninterrupted one does."""
     common = dict(max_train_steps=4, mixed_precision="fp16", text_encoder_targets=["q_proj"])
-    original = Trainer.instance_sample
+    original = SampleBuilder.instance
 
     def poisoned(self, index, step):
         s = original(self, index, step)
@@ -161,7 +162,7 @@ def test_fp16_training_skips_an_inf_step_and_resumes_with_its_scale(tmp_path, mo
             s.latent = s.latent * np.float32(np.inf)
         return s
 
-    monkeypatch.setattr(Trainer, "instance_sample", poisoned)
+    monkeypatch.setattr(SampleBuilder, "instance", poisoned)
     log, snaps = [], {}
     straight = Trainer(config(tmp_path / "a", **common), pipeline=tiny_pipeline(), printer=lambda s: None)
 
