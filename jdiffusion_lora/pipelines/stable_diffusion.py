@@ -134,21 +134,18 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
                 raise FileNotFoundError(f"component folder missing: {path}")
             return path
 
-        loaded = dict(components)
+        parts = dict(components)   # what the caller passed wins over the folder
+        models = (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel))
         if low_memory:
             if dtype not in (None, "float32", "fp32"):
                 raise ValueError("low_memory stores weights in bfloat16 itself; leave dtype unset")
-            for name, model_cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
-                                    ("text_encoder", CLIPTextModel)):
-                loaded.setdefault(name, DeferredModel(model_cls, sub(name), variant))
-        if "unet" not in loaded:
-            loaded["unet"] = UNet2DConditionModel.from_pretrained(sub("unet"), dtype=dtype, variant=variant)
-        if "vae" not in loaded:
-            loaded["vae"] = AutoencoderKL.from_pretrained(sub("vae"), dtype=dtype, variant=variant)
-        if "text_encoder" not in loaded:
-            loaded["text_encoder"] = CLIPTextModel.from_pretrained(sub("text_encoder"), dtype=dtype, variant=variant)
-        if "tokenizer" not in loaded:
-            loaded["tokenizer"] = CLIPTokenizer.from_pretrained(sub("tokenizer"))
+            for name, model_cls in models:
+                parts.setdefault(name, DeferredModel(model_cls, sub(name), variant))
+        for name, model_cls in models:
+            if name not in parts:
+                parts[name] = model_cls.from_pretrained(sub(name), dtype=dtype, variant=variant)
+        if "tokenizer" not in parts:
+            parts["tokenizer"] = CLIPTokenizer.from_pretrained(sub("tokenizer"))
         if scheduler is None:
             class_name = index["scheduler"][1] if isinstance(index.get("scheduler"), list) else "DDIMScheduler"
             scheduler_cls = SCHEDULERS.get(class_name)
@@ -156,7 +153,7 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
                 warnings.warn(f"{class_name} is not implemented here; using DDIMScheduler with its config")
                 scheduler_cls = DDIMScheduler
             scheduler = scheduler_cls.from_pretrained(sub("scheduler"))
-        return cls(scheduler=scheduler, **loaded)
+        return cls(scheduler=scheduler, **parts)
 
     @classmethod
     def from_single_file(cls, path: str, config: Optional[str] = None, original_config: Optional[str] = None,
@@ -169,12 +166,12 @@ class StableDiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
         `prediction_type` say otherwise. See `pipelines/single_file.py`.
         """
         from .single_file import load_single_file
-        loaded = load_single_file(path, config=resolve_model(config) if config else None,
-                                  original_config=original_config, prediction_type=prediction_type, dtype=dtype)
-        loaded.update(components)
+        parts = load_single_file(path, config=resolve_model(config) if config else None,
+                                original_config=original_config, prediction_type=prediction_type, dtype=dtype)
+        parts.update(components)
         if scheduler is not None:
-            loaded["scheduler"] = scheduler
-        return cls(**loaded)
+            parts["scheduler"] = scheduler
+        return cls(**parts)
 
     def save_single_file(self, path: str, dtype: Optional[str] = None) -> None:
         """Write UNet, VAE and text encoder as one original-layout `.safetensors` (A1111 / ComfyUI)."""

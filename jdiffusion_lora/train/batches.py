@@ -222,8 +222,8 @@ class SampleBuilder:
     def encode_pixels(self, batch: np.ndarray) -> np.ndarray:
         """(B, 3, H, W) in [-1, 1] -> VAE posterior parameters (B, 2C, h, w)."""
         with jt.no_grad():
-            dist = self.vae.encode(to_model_dtype(jt.array(batch.astype(np.float32)), self.vae)).latent_dist
-            out = dist.parameters.numpy()
+            posterior = self.vae.encode(to_model_dtype(jt.array(batch.astype(np.float32)), self.vae)).latent_dist
+            out = posterior.parameters.numpy()
         return out.astype(np.float32)
 
     def precache(self) -> None:
