@@ -18,3 +18,24 @@ import pytest  # noqa: E402
 def rng():
     return np.random.default_rng(0)
 
+
+
+# `JDL_KERNEL_LOG=FILE python -m pytest ...` appends one line per test: the Jittor kernels it compiled (new files
+# in the kernel cache) and its duration. On a cold cache this names the tests that cost compile time; the count
+# does not depend on how busy the machine is, unlike the duration.
+if os.environ.get("JDL_KERNEL_LOG"):
+    import time
+
+    from jdiffusion_lora._runtime import jt as _jt
+
+    _JIT_DIR = os.path.join(_jt.flags.cache_path, "jit")
+
+    def _kernels() -> int:
+        return len(os.listdir(_JIT_DIR)) if os.path.isdir(_JIT_DIR) else 0
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        before, start = _kernels(), time.time()
+        yield
+        with open(os.environ["JDL_KERNEL_LOG"], "a") as f:
+            f.write(f"{_kernels() - before}\t{time.time() - start:.1f}\t{item.nodeid}\n")

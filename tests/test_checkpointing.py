@@ -59,6 +59,7 @@ def assert_same(plain, ckpt):
     assert diff <= TOL * np.sqrt(sum(float(np.sum(a ** 2)) for a in plain))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_checkpointed_backward_gives_the_plain_gradients(monkeypatch):
     unet = lora_unet()
     plain = gradients(unet, checkpointed=False)

@@ -199,6 +199,7 @@ def test_diffusers_lora_loads_and_matches(base, diffusers_lora):
     assert max_abs_diff(our_outputs(pipe2)[0], half[0]) <= TOL
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_legacy_names_and_dora_from_diffusers(base, tmp_path):
     ref = diffusers_pipeline(base[0])
     path = build_diffusers_lora_file(ref.unet, ref.text_encoder, str(tmp_path), rank=2, alpha=2, seed=3,
@@ -254,7 +255,8 @@ def _our_lora(pipe, use_dora=False, uniform_alpha=False):
     inject_adapter(pipe.text_encoder, "ours", dataclasses.replace(cfg, use_dora=False), targets="text")
 
 
-@pytest.mark.parametrize("fmt,use_dora", [("diffusers", False), ("diffusers", True), ("kohya", False)])
+@pytest.mark.parametrize("fmt,use_dora", [("diffusers", False), pytest.param("diffusers", True, marks=pytest.mark.slow),
+                                          ("kohya", False)])
 def test_our_files_load_in_diffusers(base, tmp_path, fmt, use_dora):
     pipe = Pipe(base[0])
     # diffusers maps per-module kohya alphas only for some module kinds; a uniform alpha is exact
