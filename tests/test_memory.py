@@ -1,11 +1,16 @@
 """Memory features: memory-mapped weight loading, the low-memory pipeline (bf16 weights, models loaded in turn),
 VAE decoding one image at a time above a size."""
+import gc
+import os
+import weakref
+
 import numpy as np
 import pytest
 
 from jdiffusion_lora._runtime import jt
 from jdiffusion_lora.models import autoencoder_kl
 from jdiffusion_lora.models.low_memory import is_low_memory
+from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionModel
 from jdiffusion_lora.pipelines.stable_diffusion import DeferredModel, StableDiffusionPipeline
 from jdiffusion_lora.tiny import random_tiny_model_path
 from jdiffusion_lora.weights import WeightsError, read_safetensors, release_pages, save_safetensors
@@ -69,6 +74,26 @@ def test_low_memory_pipeline_matches_bf16_rounded_weights():
     model = low.unet.load()
     assert is_low_memory(model) and str(model.conv_in.weight.dtype) == "bfloat16"
     assert str(model.conv_norm_out.weight.dtype) == "float32"
+
+
+def test_low_memory_model_is_freed_without_the_cycle_collector():
+    """Dropping the last reference frees a low-memory model at once: its wrapped layers form no reference
+    cycle (which would keep the weights until Python's collector runs)."""
+    model = DeferredModel(UNet2DConditionModel, os.path.join(random_tiny_model_path(), "unet"), None).load()
+    layer = model.conv_in
+    x = jt.array(np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32))
+    with jt.no_grad():
+        out = layer(x).numpy()
+    w = layer.weight.float32()
+    ref = nn.conv2d(x, w, layer.bias.float32(), padding=1).numpy()
+    assert max_abs_diff(out, ref) <= 1e-5 and str(layer.weight.dtype) == "bfloat16"
+    refs = [weakref.ref(model), weakref.ref(layer)]
+    gc.disable()
+    try:
+        del model, layer
+        assert [r() for r in refs] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_low_memory_refuses_a_dtype():

@@ -13,6 +13,7 @@ the same whether it is made alone or in a batch, and whatever its position in th
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import warnings
@@ -87,6 +88,7 @@ def loaded(component):
         yield model
     finally:
         del model
+        gc.collect()   # a model caught in a reference cycle would otherwise stay until Python's collector runs
         jt.sync_all()
         jt.gc()
 
