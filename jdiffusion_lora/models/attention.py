@@ -304,6 +304,11 @@ class MemoryEfficientAttention(jt.Function):
         # Stop-grad copies: Jittor keeps the graph behind any computed Var that could still be differentiated
         # (for higher-order gradients), which would keep every block's N x M buffers alive. (`detach()`
         # alone does not stop gradients in Jittor 1.3.)
+        # No jt.sync here: `grad` runs while jt.grad builds the backward graph, and a sync then would run
+        # the backward of everything downstream with every gradient jt.grad has built so far held, so each
+        # of them is materialised (a 3x3 conv's per-tap gradient is 9 x C_out times its input: GBs at
+        # 512 px). Each block instead reads a zero that depends on the previous block's results, so the
+        # scheduler cannot start a block's N x M matmuls before the previous block's are consumed.
         q, k, v, out = (_constant(x) for x in self.saved[:3] + self.saved[4:5])
         mask, lses = self.saved[3], [_constant(x) for x in self.saved[5]]
         b, n, inner = q.shape
@@ -312,13 +317,15 @@ class MemoryEfficientAttention(jt.Function):
         dout = _constant(dout).float32()
         dq_s, dk_s, dv_s = [], [], []
         lse_iter = iter(lses)
+        after = None   # a zero that depends on the previous block's results: blocks run one after another
         for i, h, cols, chunks in self._blocks(q, k):
             if h == 0:
                 dq_s.append([]), dk_s.append([]), dv_s.append([])
             kh, vh = k[i, :, cols].float32(), v[i, :, cols].float32()            # (M, D)
             dq_parts, dk, dv = [], None, None
             for s, e in chunks:
-                p = (self._scores(q, k, i, h, cols, s, e, mask) - next(lse_iter)).exp()   # (n, M)
+                qb = q if after is None else q + after
+                p = (self._scores(qb, k, i, h, cols, s, e, mask) - next(lse_iter)).exp()   # (n, M)
                 do = dout[i, s:e, cols]                                           # (n, D)
                 dv_c = _block_matmul(p.transpose(1, 0), do)                       # (M, D)
                 dp = _block_matmul(do, vh, True)                                  # (n, M)
@@ -328,7 +335,7 @@ class MemoryEfficientAttention(jt.Function):
                 dk_c = _block_matmul(ds.transpose(1, 0), q[i, s:e, cols].float32()) * scale   # (M, D)
                 dk = dk_c if dk is None else dk + dk_c
                 dv = dv_c if dv is None else dv + dv_c
-                jt.sync([dq_parts[-1], dk, dv])   # one block's scores at a time (see the class docstring)
+                after = _zero_after(dq_parts[-1], dk, dv)   # one block's scores at a time (see `grad`'s note)
             dq_s[-1].append(dq_parts[0] if len(dq_parts) == 1 else jt.concat(dq_parts, dim=0))
             dk_s[-1].append(dk)
             dv_s[-1].append(dv)
@@ -337,6 +344,14 @@ class MemoryEfficientAttention(jt.Function):
             return jt.stack([jt.concat(p, dim=1) for p in parts], dim=0).cast(like.dtype)
 
         return join(dq_s, q), join(dk_s, k), join(dv_s, v), None
+
+
+def _zero_after(*xs):
+    """A float32 scalar 0 (exactly, even if some x is not finite) computed from the xs: an order dependency."""
+    first = xs[0].reshape(-1)[0:1]
+    for x in xs[1:]:
+        first = first + x.reshape(-1)[0:1]
+    return jt.ternary(first == first, jt.zeros((1,), dtype="float32"), jt.zeros((1,), dtype="float32")).stop_grad()
 
 
 # --------------------------------------------------------------------------- fused kernel

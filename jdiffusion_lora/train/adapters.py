@@ -74,6 +74,20 @@ def attach(models: Dict[str, object], c, n_styles: int, seed: int) -> List[LoraP
     return pairs
 
 
+def freeze_base(models: Sequence[object]) -> int:
+    """stop_grad on every module parameter of `models` (the base weights; adapter tensors are not module
+    parameters). Jittor keeps every computed Var that lies on a path from a Var that may need a gradient
+    to a held Var, so unfrozen base weights would keep activations alive that no gradient needs, and
+    gradient checkpointing would differentiate them. Returns how many were frozen."""
+    n = 0
+    for model in models:
+        for p in model.parameters():
+            if not p.is_stop_grad():
+                p.stop_grad()
+                n += 1
+    return n
+
+
 def pairs_of(model, component: str) -> List[LoraPair]:
     out = []
     for name, layer in adapted_layers(model).items():

@@ -106,8 +106,9 @@ class DenoisingLoss:
 
     def __call__(self, samples: Sequence):
         c = self.c
-        latents = jt.array(np.stack([s.latent for s in samples]))                      # (B, C, h, w)
-        noise = jt.array(np.stack([s.noise for s in samples]))
+        # inputs: constants to the graph (see adapters.freeze_base)
+        latents = jt.array(np.stack([s.latent for s in samples])).stop_grad()          # (B, C, h, w)
+        noise = jt.array(np.stack([s.noise for s in samples])).stop_grad()
         t = np.array([s.timestep for s in samples], dtype=np.int64)
         noisy_noise = noise
         if c.input_perturbation:

@@ -144,6 +144,7 @@ class Trainer:
                            f"{c.lora_ga_batches} batch(es)")
             if c.ema_decay > 0:
                 self.ema = [jt.array(p.numpy()) for p in self.params]
+        ad.freeze_base((self.unet, self.text_encoder, self.vae))   # after LoRA-GA, which needs base gradients
         dist.broadcast_params(self.params)
         self.train_mode()
         self.vae.eval()
