@@ -6,7 +6,8 @@
 Variants (each trained / generated from scratch with the same seed, prompts and sampling settings):
 
     LoRA                     the demo config's LoRA (configs/demo.toml) for --steps steps
-    TI                       Textual Inversion alone: one new token per style (its trigger), no LoRA
+    TI                       Textual Inversion alone: one new token per style (its trigger), no LoRA, no
+                             caption dropout
     TI + LoRA                both in one run (separate learning rates); one file with LoRA + bundle_emb
     LoRA + img2img s         img2img from the blurred mean of the style's references at strength s (2 values)
     LoRA + colour latents    start latents drawn from the references' latent mean and spread (strength 0.9)
@@ -119,7 +120,8 @@ def main() -> int:
     p.add_argument("--pez-steps", type=int, default=300)
     p.add_argument("--ti-lr", type=float, default=0.05, help="Textual Inversion learning rate")
     p.add_argument("--ti-vectors", type=int, default=2, help="vectors per style token")
-    p.add_argument("--ti-init", default="style", help="the word the token vectors start from")
+    p.add_argument("--ti-init", default="white", help="the word the token vectors start from (the tiny model knows "
+                   "colour words; 'white' is the nearest to the demo styles' light backgrounds)")
     p.add_argument("--lora", default=None, help="reuse this LoRA file (trained with the same --steps and seed)")
     p.add_argument("--only", default=None, help="comma-separated variant names to run")
     p.add_argument("--out", default=os.path.join(REPO, "outputs", "techniques"))
@@ -143,7 +145,9 @@ def main() -> int:
     variants = {
         "base": lambda: generate("base", args),
         "LoRA": lambda: generate("LoRA", args, lora=lora()),
-        "TI": lambda: generate("TI", args, lora=train("ti", args, unet_targets=[], text_encoder_targets=[], **ti)["lora"]),
+        # TI alone: no caption dropout (an empty caption has no trigger, so those steps would teach nothing)
+        "TI": lambda: generate("TI", args, lora=train("ti", args, unet_targets=[], text_encoder_targets=[],
+                                                      caption_dropout_rate=0.0, **ti)["lora"]),
         "TI + LoRA": lambda: generate("TI + LoRA", args, lora=train("ti_lora", args, **ti)["lora"]),
         f"LoRA + img2img {s1}": lambda: generate(f"LoRA + img2img {s1}", args, lora=lora(), start="blur", strength=s1),
         f"LoRA + img2img {s2}": lambda: generate(f"LoRA + img2img {s2}", args, lora=lora(), start="blur", strength=s2),
