@@ -64,6 +64,7 @@ def test_inception_64_features_match_torch(inception_pair, rng):
     assert max_abs_diff(got, expected) <= 1e-4 * max(1.0, np.abs(expected).max())
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_inception_2048_features_match_torch(inception_pair, rng):
     import torch
     from jdiffusion_lora._runtime import jt

@@ -8,6 +8,9 @@ from jdiffusion_lora.models.clip_tokenizer import CLIPTokenizer
 from jdiffusion_lora.metrics.nets.clip_vision import CLIPConfig, CLIPModel
 from jdiffusion_lora.tiny import write_byte_level_tokenizer
 
+# PEZ's optimisation compiles kernels no other test needs: slow set (CI runs it).
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def clip_and_tokenizer(tmp_path_factory):

@@ -95,18 +95,19 @@ def test_latent_output_matches_diffusers_without_guidance(pipes):
 def test_image_depends_only_on_its_seed(pipes, scheduler):
     """The seed system drew one noise tensor per batch; here an image is the same alone or in a batch of 4.
 
-    "The same" up to float32 rounding: Jittor's fused kernels sum in a different order for other batch
-    sizes (about 1e-6, a few thousandths of one 8-bit level), never a different draw."""
+    "The same" up to float32 rounding: Jittor's fused kernels and oneDNN sum in a different order for other
+    batch sizes, and oneDNN's order also depends on the CPU (1e-6 on one machine, 2.3e-5 on an AMD EPYC); the
+    bound, 1e-4, is a fortieth of one 8-bit level, while another draw differs by more than 1e-2."""
     _, ours = pipes
     ours.scheduler = SCHEDULERS[scheduler].from_config(ours.scheduler.config)
     prompts = ["a red circle", "a blue square", "stripes", "a dog"]
     batch = ours(prompts, num_inference_steps=3, seed=[7, 8, 9, 10], output_type="np").images
     for i in (0, 2):
         alone = ours(prompts[i], num_inference_steps=3, seed=7 + i, output_type="np").images[0]
-        np.testing.assert_allclose(alone, batch[i], rtol=0, atol=2e-5)
+        np.testing.assert_allclose(alone, batch[i], rtol=0, atol=1e-4)
     # an int seed means seed + i for image i
     again = ours(prompts[2:], num_inference_steps=3, seed=9, output_type="np").images
-    np.testing.assert_allclose(again, batch[2:], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(again, batch[2:], rtol=0, atol=1e-4)
     # and the seed really matters
     other = ours(prompts[0], num_inference_steps=3, seed=99, output_type="np").images[0]
     assert max_abs_diff(other, batch[0]) > 1e-2
