@@ -3,6 +3,7 @@ jdiffusion-lora (Jittor) vs diffusers + PEFT (PyTorch), each side in its own pro
 
     flock /tmp/jdl-bigmem.lock python benchmarks/real_size.py [--model sd15 sd21] [--work load train generate]
         [--rank 4 896] [--size 512 768] [--steps 20] [--train-steps 2] [--side ours diffusers] [--low-memory]
+        [--gradient-checkpointing]
 
 Work items (batch 1):
 - load: build the pipeline from the folder; peak resident memory while loading and what stays after.
@@ -107,7 +108,7 @@ def run_ours(args) -> dict:
     if args.work == "train":
         from train_step import our_trainer
         t0 = time.perf_counter()
-        trainer = our_trainer(args.folder, args.data, args.rank, 1, 64)
+        trainer = our_trainer(args.folder, args.data, args.rank, 1, 64, args.gradient_checkpointing)
         load_s = time.perf_counter() - t0
         step = iter(range(10 ** 9))
         return timed_steps(lambda: trainer.train_step(next(step)), args.train_steps, load_s)
@@ -140,7 +141,7 @@ def run_diffusers(args) -> dict:
         return {"load_s": time.perf_counter() - t0, "peak_mb": peak_rss_mb(), "after_mb": rss_mb()}
     if args.work == "train":
         from train_step import torch_step_fn
-        step, _ = torch_step_fn(pipe, args.rank, 1, 64)
+        step, _ = torch_step_fn(pipe, args.rank, 1, 64, args.gradient_checkpointing)
         return timed_steps(step, args.train_steps, time.perf_counter() - t0)
     pipe.set_progress_bar_config(disable=True)
     kw = dict(height=args.size, width=args.size, guidance_scale=7.5, output_type="np")
@@ -171,6 +172,8 @@ def side_process(args, side: str, work: str, folder: str, data: str, **extra) ->
     cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--work", work, "--folder", folder,
            "--data", data, "--threads", str(args.threads), "--steps", str(args.steps),
            "--train-steps", str(args.train_steps)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
     env = dict(os.environ, FIX_TORCH_ERROR="0")
@@ -194,6 +197,8 @@ def main(argv=None) -> int:
                     help="diffusers, ours, ours-low-memory (internal: one side when --folder is given)")
     ap.add_argument("--low-memory", action="store_true", help="also run our --low-memory generation")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="train with gradient checkpointing on both sides (UNet and text encoder)")
     ap.add_argument("--workdir", default=None, help="where the random models are written (default: a temp dir)")
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
@@ -250,7 +255,8 @@ def print_table(rows, args) -> None:
     print()
     print(f"{date.today().isoformat()}, {os.cpu_count()} CPU(s), {args.threads} threads per side, "
           f"load average {load1:.1f} (5 min {load5:.1f}); {platform.processor() or platform.machine()}. "
-          f"Each side in its own process, one at a time; the machine was shared, so timings are noisy.")
+          f"Each side in its own process, one at a time (timings compare only on a quiet machine: load average "
+          f"at most the threads per side).")
     print()
     print("| model | work | diffusers + PEFT | ours | time ratio | diffusers peak | ours peak | memory ratio | ours first (compile) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -261,6 +267,8 @@ def print_table(rows, args) -> None:
                 continue
             what = {"train": f"LoRA step rank {value}, 512 px", "generate": f"{args.steps}-step CFG, {value} px",
                     "load": "load pipeline"}[work]
+            if work == "train" and args.gradient_checkpointing:
+                what += ", checkpointing"
             if side != "ours":
                 what += f" ({side[5:]})"
             unit = {"train": "s/step", "generate": "s/image", "load": "s"}[work]

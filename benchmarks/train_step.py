@@ -57,7 +57,7 @@ def build_reference(folder: str, unet_config: dict, latent: int):
     return pipe
 
 
-def torch_step_fn(pipe, rank: int, batch: int, latent: int):
+def torch_step_fn(pipe, rank: int, batch: int, latent: int, checkpointing: bool = False):
     import torch
     from peft import LoraConfig
     from transformers.integrations import peft as tpeft
@@ -68,6 +68,9 @@ def torch_step_fn(pipe, rank: int, batch: int, latent: int):
         m.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=UNET_TARGETS))
     text.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=TEXT_TARGETS))
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+        text.gradient_checkpointing_enable()
     unet.train()
     text.train()
     params = [p for m in (unet, text) for p in m.parameters() if p.requires_grad]
@@ -94,14 +97,15 @@ def torch_step_fn(pipe, rank: int, batch: int, latent: int):
     return step, sum(p.numel() for p in params)
 
 
-def our_trainer(folder: str, data_root: str, rank: int, batch: int, latent: int):
+def our_trainer(folder: str, data_root: str, rank: int, batch: int, latent: int, checkpointing: bool = False):
     from jdiffusion_lora.train.config import build_config
     from jdiffusion_lora.train.trainer import Trainer
 
     c = build_config(None, dict(base_model=folder, data_root=data_root, resolution=latent * 8, rank=rank,
                                 unet_targets=UNET_TARGETS, text_encoder_targets=TEXT_TARGETS, train_batch_size=batch,
                                 learning_rate=1e-4, max_grad_norm=1.0, flip_p=0.0, crop="center",
-                                output_dir=os.path.join(data_root, "_out"), progress_bar=False, tensorboard=False))
+                                output_dir=os.path.join(data_root, "_out"), progress_bar=False, tensorboard=False,
+                                gradient_checkpointing=checkpointing))
     trainer = Trainer(c, printer=lambda s: None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the benchmark's data has no prompt.json
