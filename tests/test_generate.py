@@ -216,8 +216,14 @@ def test_resume_after_interrupt(tmp_path, data, lora, reference):
 
 
 def _cli(script, *args, env=None):
-    """Run a generation script on the random tiny model (the test LoRAs are made for it, not the default model)."""
-    e = dict(os.environ, **(env or {}))
+    """Run a generation script on the random tiny model (the test LoRAs are made for it, not the default model).
+
+    Workers get this process's thread count: on some CPUs (seen on AMD EPYC) oneDNN's summation order depends
+    on the number of threads, so "the same bytes as one process" holds at the same thread count; by default
+    run_parallel gives each of 2 workers half the cores."""
+    from jdiffusion_lora._runtime import cpu_threads
+
+    e = dict(os.environ, OMP_NUM_THREADS=str(cpu_threads()), **(env or {}))
     return subprocess.run([sys.executable, os.path.join(REPO, script), "--model", random_tiny_model_path(), *args],
                           cwd=REPO, env=e,
                           capture_output=True, text=True, timeout=300)
