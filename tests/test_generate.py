@@ -178,6 +178,7 @@ def test_same_bytes_with_batch_size_4_and_fused_lora(tmp_path, data, lora, refer
         assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_batched_mode_is_close_and_recorded(tmp_path, data, lora, reference):
     out = str(tmp_path / "batched")
     run_job(_items(data), _settings(lora, batch_size=3, batch_mode="batched"), out, progress=False)
