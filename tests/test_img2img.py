@@ -93,6 +93,7 @@ def test_img2img_low_strength_stays_near_the_start(pipes):
     assert np.abs(low - roundtrip).mean() < np.abs(high - roundtrip).mean()
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_img2img_bad_input(pipes):
     _, txt2img = pipes
     ours = StableDiffusionImg2ImgPipeline.from_pipe(txt2img)
