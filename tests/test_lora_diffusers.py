@@ -175,6 +175,7 @@ def diffusers_lora(base, tmp_path_factory):
 
 # --------------------------------------------------------------------------- diffusers -> us
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_base_models_match(base):
     pipe = Pipe(base[0])
     u, h = our_outputs(pipe)

@@ -81,6 +81,7 @@ def test_pipeline_matches_diffusers(pipes, monkeypatch, name, extra, kwargs):
     assert max_abs_diff(got, expected) <= 1e-4
 
 
+@pytest.mark.slow   # kernels of its own (cold-cache time; CI runs the slow set)
 def test_latent_output_matches_diffusers_without_guidance(pipes):
     import diffusers
 
