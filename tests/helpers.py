@@ -1,5 +1,13 @@
 """Small assertions shared by the parity tests."""
 import numpy as np
+import pytest
+
+
+def default_set(keep, ids, cases):
+    """Parametrize `cases` (named by `ids`): those named in `keep` run in the default set, the others in the slow
+    set (`-m slow`, which CI runs too). Each case compiles Jittor kernels of its own: seconds each on a cold cache."""
+    return [pytest.param(*(c if isinstance(c, tuple) else (c,)), id=i, marks=() if i in keep else pytest.mark.slow)
+            for i, c in zip(ids, cases)]
 
 
 def max_abs_diff(a, b) -> float:

@@ -38,6 +38,7 @@ def _torch_attention(q, k, v, heads, mask=None):
 
 @pytest.mark.parametrize("path", paths())
 @pytest.mark.parametrize("chunk", [None, 7])
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_every_path_matches_torch_sdpa(path, chunk):
     q, k, v = _inputs()
     ref = _torch_attention(q, k, v, 3).numpy()
@@ -48,6 +49,7 @@ def test_every_path_matches_torch_sdpa(path, chunk):
 
 
 @pytest.mark.parametrize("path", paths(["loop", "batched", "memory_efficient"]))
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_masked_paths_match_torch(path):
     """Additive masks broadcast over samples/heads (the CLIP causal mask) and per sample."""
     q, k, v = _inputs(n=11, m=11)
@@ -61,6 +63,7 @@ def test_masked_paths_match_torch(path):
 
 
 @pytest.mark.parametrize("path", paths())
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_every_path_has_the_same_gradients(path):
     """d(sum(out * w))/d(q, k, v) against torch autograd, the memory-efficient backward included."""
     q, k, v = _inputs(n=19, m=23, heads=2, d=8, seed=3)
@@ -87,6 +90,7 @@ def test_memory_efficient_masked_gradients():
 
 
 @pytest.mark.parametrize("path", paths())
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_attention_module_matches_diffusers(path):
     """diffusers' Attention (self- and cross-attention, SD 2 head layout) with our module forced onto each path."""
     from diffusers.models.attention_processor import Attention as TorchAttention

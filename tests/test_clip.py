@@ -64,6 +64,7 @@ def assert_same(ref, ours):
 # eos_token_id=2 is what SD configs say: transformers then pools at the highest id (argmax).
 @pytest.mark.parametrize("hidden_act,eos_token_id,pad_id", [
     ("quick_gelu", EOS, EOS), ("quick_gelu", 2, EOS), ("gelu", 2, 0), ("gelu", EOS, 0)])
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_matches_transformers(tmp_path, rng, hidden_act, eos_token_id, pad_id):
     ref = reference_model(hidden_act, eos_token_id)
     ref.save_pretrained(tmp_path)
@@ -75,6 +76,7 @@ def test_matches_transformers(tmp_path, rng, hidden_act, eos_token_id, pad_id):
     assert_same(run_reference(ref, ids, mask), ours(ids, attention_mask=mask, output_hidden_states=True))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_masks_and_inputs(tmp_path, rng):
     ref = reference_model()
     ref.save_pretrained(tmp_path)
@@ -102,6 +104,7 @@ def test_masks_and_inputs(tmp_path, rng):
         ours(np.zeros((1, 78), dtype=np.int64))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_old_checkpoint_layouts(tmp_path, rng):
     """transformers-4 names (`text_model.` prefix, `position_ids` buffer) in .bin and .safetensors."""
     ref = reference_model(layers=2)
@@ -129,6 +132,7 @@ def test_old_checkpoint_layouts(tmp_path, rng):
         assert_same(expected, ours(ids, attention_mask=mask, output_hidden_states=True))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_save_pretrained_round_trip(tmp_path, rng):
     ref = reference_model(hidden_act="gelu", layers=2)
     ref.save_pretrained(tmp_path / "ref")
@@ -167,6 +171,7 @@ def test_bad_files_name_the_problem(tmp_path):
         CLIPTextModel(CLIPTextConfig(hidden_act="swish"))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_gradients_match(tmp_path, rng):
     """Text-encoder LoRA training backpropagates through the whole model, mask and pooling included."""
     ref = reference_model(layers=2)

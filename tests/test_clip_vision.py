@@ -7,6 +7,9 @@ from helpers import max_abs_diff
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# The scorer's CLIP towers compile kernels no default test needs (cold-cache time): slow set, which CI runs.
+pytestmark = pytest.mark.slow
+
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
               patch_size=7, projection_dim=16)
 TEXT = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, vocab_size=99,

@@ -7,6 +7,9 @@ from helpers import max_abs_diff
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+# DINOv2 (a scoring network) compiles kernels no default test needs (cold-cache time): slow set, which CI runs.
+pytestmark = pytest.mark.slow
+
 
 def tiny_reference(swiglu=False):
     torch.manual_seed(0)

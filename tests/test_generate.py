@@ -148,6 +148,7 @@ def reference(tmp_path_factory, data, lora):
     return out
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_reference_run_layout_and_manifest(reference, lora):
     files = _files(reference)
     assert sorted(files) == ["00/AC%2FDC.png", "00/Boat.png", "00/Cat.png", "01/Cat.png", "01/Moon.png"]
@@ -162,6 +163,7 @@ def test_reference_run_layout_and_manifest(reference, lora):
     assert images["00/AC%2FDC.png"]["prompt"] == "AC/DC"
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_same_bytes_with_batch_size_4_and_fused_lora(tmp_path, data, lora, reference):
     out = str(tmp_path / "b4")
     run_job(_items(data), _settings(lora, batch_size=4), out, progress=False)
@@ -178,6 +180,7 @@ def test_same_bytes_with_batch_size_4_and_fused_lora(tmp_path, data, lora, refer
         assert np.abs(a - b).max() <= 1
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_batched_mode_is_close_and_recorded(tmp_path, data, lora, reference):
     out = str(tmp_path / "batched")
     run_job(_items(data), _settings(lora, batch_size=3, batch_mode="batched"), out, progress=False)
@@ -190,6 +193,7 @@ def test_batched_mode_is_close_and_recorded(tmp_path, data, lora, reference):
     assert {r["settings"]["batch_mode"] for r in _manifest(out).values()} == {"batched"}
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_resume_after_interrupt(tmp_path, data, lora, reference):
     out = str(tmp_path / "resume")
     items, settings = _items(data), _settings(lora, batch_size=2)

@@ -41,6 +41,7 @@ def _feed_our_draws(monkeypatch, seeds, shape):
     monkeypatch.setattr(img2img, "randn_tensor", lambda s, **kw: torch.from_numpy(start.reshape(s)))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 @pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
 @pytest.mark.parametrize("strength", [0.3, 0.8])
 def test_img2img_matches_diffusers(pipes, monkeypatch, scheduler, strength):
@@ -68,6 +69,7 @@ def test_img2img_matches_diffusers(pipes, monkeypatch, scheduler, strength):
     assert max_abs_diff(got, other) > 1e-3
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_img2img_shares_models_and_loop_with_txt2img(pipes):
     _, txt2img = pipes
     ours = StableDiffusionImg2ImgPipeline.from_pipe(txt2img)
@@ -75,6 +77,7 @@ def test_img2img_shares_models_and_loop_with_txt2img(pipes):
     assert StableDiffusionImg2ImgPipeline.denoise is StableDiffusionPipeline.denoise
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_img2img_low_strength_stays_near_the_start(pipes):
     """SDEdit: few steps from a lightly noised start keep the image; strength 1 repaints it."""
     _, txt2img = pipes
@@ -90,6 +93,7 @@ def test_img2img_low_strength_stays_near_the_start(pipes):
     assert np.abs(low - roundtrip).mean() < np.abs(high - roundtrip).mean()
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_img2img_bad_input(pipes):
     _, txt2img = pipes
     ours = StableDiffusionImg2ImgPipeline.from_pipe(txt2img)

@@ -175,12 +175,14 @@ def diffusers_lora(base, tmp_path_factory):
 
 # --------------------------------------------------------------------------- diffusers -> us
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_base_models_match(base):
     pipe = Pipe(base[0])
     u, h = our_outputs(pipe)
     assert max_abs_diff(u, base[1][0]) <= TOL and max_abs_diff(h, base[1][1]) <= TOL
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_diffusers_lora_loads_and_matches(base, diffusers_lora):
     path, full, half = diffusers_lora
     pipe = Pipe(base[0])
@@ -216,6 +218,7 @@ def test_legacy_names_and_dora_from_diffusers(base, tmp_path):
 
 # --------------------------------------------------------------------------- the seed bug: to_out.0
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_to_out_only_lora_matches_diffusers_and_trains(base, tmp_path):
     ref = diffusers_pipeline(base[0])
     path = build_diffusers_lora_file(ref.unet, None, str(tmp_path), rank=4, alpha=4, seed=5,
@@ -255,8 +258,8 @@ def _our_lora(pipe, use_dora=False, uniform_alpha=False):
     inject_adapter(pipe.text_encoder, "ours", dataclasses.replace(cfg, use_dora=False), targets="text")
 
 
-@pytest.mark.parametrize("fmt,use_dora", [("diffusers", False), pytest.param("diffusers", True, marks=pytest.mark.slow),
-                                          ("kohya", False)])
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
+@pytest.mark.parametrize("fmt,use_dora", [("diffusers", False), ("diffusers", True), ("kohya", False)])
 def test_our_files_load_in_diffusers(base, tmp_path, fmt, use_dora):
     pipe = Pipe(base[0])
     # diffusers maps per-module kohya alphas only for some module kinds; a uniform alpha is exact
@@ -295,6 +298,7 @@ def test_round_trips_through_the_model(base, diffusers_lora, tmp_path):
                 assert np.array_equal(entry.tensors[t], other.tensors[t]), (key, t)
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_fuse_unfuse_and_merge_folder(base, diffusers_lora, tmp_path):
     path, full, _ = diffusers_lora
     pipe = Pipe(base[0])

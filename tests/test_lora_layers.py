@@ -91,6 +91,7 @@ DORA = [False, pytest.param(True, marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("use_dora", DORA)
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_attention_lora_matches_peft(use_dora):
     from peft import LoraConfig, inject_adapter_in_model
     ref = _torch_attention()
@@ -119,6 +120,7 @@ def test_attention_lora_matches_peft(use_dora):
 
 
 @pytest.mark.parametrize("use_dora", DORA)
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_conv_locon_matches_peft(use_dora):
     from diffusers.models.resnet import ResnetBlock2D as TorchResnet
     from peft import LoraConfig, inject_adapter_in_model
@@ -143,6 +145,7 @@ def test_conv_locon_matches_peft(use_dora):
 
 # --------------------------------------------------------------------------- the seed bug: to_out.0
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_to_out_adapter_is_on_the_forward_path_and_trains():
     attn = Attention(8, 6, heads=2, dim_head=4)
     x, ctx = jt.randn(2, 5, 8), jt.randn(2, 3, 6)
@@ -162,6 +165,7 @@ def test_to_out_adapter_is_on_the_forward_path_and_trains():
 
 # --------------------------------------------------------------------------- several adapters, fuse, unload
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_multiple_adapters_weights_fuse_unfuse_unload():
     attn = Attention(8, 6, heads=2, dim_head=4)
     x, ctx = jt.randn(2, 5, 8), jt.randn(2, 3, 6)
@@ -267,10 +271,10 @@ def _random_factors(form, conv, rng):
     return "lora", {"down": r(2, 8, 1, 1), "mid": r(2, 2, 3, 3), "up": r(12, 2, 1, 1)}
 
 
-@pytest.mark.parametrize("form,conv", [("loha", False), ("lokr", False), ("lokr-decomposed", False)] + [
-    pytest.param(*case, marks=pytest.mark.slow)         # conv and Tucker forms: kernels of their own (slow set)
-    for case in [("loha", True), ("loha-tucker", True), ("lokr", True), ("lokr-decomposed", True),
-                 ("lokr-tucker", True), ("locon-tucker", True)]])
+@pytest.mark.slow   # every form compiles kernels of its own (cold-cache time; CI runs the slow set)
+@pytest.mark.parametrize("form,conv", [("loha", False), ("lokr", False), ("lokr-decomposed", False),
+                                       ("loha", True), ("loha-tucker", True), ("lokr", True), ("lokr-decomposed", True),
+                                       ("lokr-tucker", True), ("locon-tucker", True)])
 def test_loha_lokr_match_closed_form(form, conv):
     rng = np.random.default_rng(3)
     kind, tensors = _random_factors(form, conv, rng)
@@ -309,6 +313,7 @@ def test_lokr_full_factors_have_scale_one_and_new_adapters_start_at_zero():
 
 # --------------------------------------------------------------------------- dropouts
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_dropouts_only_in_training():
     lin = jt.nn.Sequential(jt.nn.Linear(16, 16))
     x = jt.randn(4, 3, 16)

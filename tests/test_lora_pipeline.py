@@ -27,6 +27,7 @@ def pipes(tmp_path_factory):
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_pipeline_with_lora_matches_diffusers(pipes, scale):
     ref, ours = pipes
     with transformers_peft_allowed():
@@ -39,6 +40,7 @@ def test_pipeline_with_lora_matches_diffusers(pipes, scale):
     assert max_abs_diff(got, expected) <= 1e-4
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_lora_really_changes_the_image(pipes):
     _, ours = pipes
     latents = image_latents(1, seed=4)

@@ -38,6 +38,7 @@ def lycoris_file(ref, algo: str, path: str, seed: int, monkeypatch):
     return path
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
 def test_lycoris_file_matches_diffusers(tmp_path, algo, monkeypatch):
     folder = str(tmp_path / "base")

@@ -56,6 +56,7 @@ def _round_to_bf16(model):
                     p.assign(p.cast("bfloat16").float32())
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_low_memory_pipeline_matches_bf16_rounded_weights():
     """Same image as the full pipeline whose Linear/Conv2d weights are rounded to bf16; the models are
     loaded only during the call, stored in bf16."""
@@ -76,6 +77,7 @@ def test_low_memory_pipeline_matches_bf16_rounded_weights():
     assert str(model.conv_norm_out.weight.dtype) == "float32"
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_low_memory_model_is_freed_without_the_cycle_collector():
     """Dropping the last reference frees a low-memory model at once: its wrapped layers form no reference
     cycle (which would keep the weights until Python's collector runs)."""

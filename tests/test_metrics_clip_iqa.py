@@ -10,6 +10,9 @@ from helpers import max_abs_diff
 
 torch = pytest.importorskip("torch")
 
+# CLIP-IQA's ResNet compiles kernels no default test needs (cold-cache time): slow set, which CI runs.
+pytestmark = pytest.mark.slow
+
 CONFIG = dict(embed_dim=32, image_resolution=64, vision_layers=(1, 2, 1, 1), vision_width=8, context_length=16,
               transformer_width=64, transformer_heads=1, transformer_layers=2)
 

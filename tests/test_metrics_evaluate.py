@@ -86,6 +86,7 @@ def scorer(weights_dir):
     return Scorer(str(weights_dir), batch_size=4, clip_r_scope="style")
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_all_metrics_computed(scorer, dataset):
     from jdiffusion_lora.metrics.score import METRICS, total_from
 
@@ -103,6 +104,7 @@ def test_all_metrics_computed(scorer, dataset):
     assert scores["overall"]["total"] == pytest.approx(total_from(scores["overall"]))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_generated_equal_to_references(scorer, dataset):
     scores = scorer.evaluate(dataset / "same", dataset / "refs")
     for s in scores["styles"].values():
@@ -116,6 +118,7 @@ def test_generated_equal_to_references(scorer, dataset):
     assert single["fid"] is None and single["total"] is None      # FID needs >= 2 images a side
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_dino_score_matches_transformers_pipeline(scorer, weights_dir, dataset):
     """The dino number equals transformers' processor + Dinov2Model pooler + torch cosine, averaged over pairs."""
     from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
@@ -136,6 +139,7 @@ def test_dino_score_matches_transformers_pipeline(scorer, weights_dir, dataset):
     assert got == pytest.approx(expected, abs=1e-5)
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_clip_r_over_all_prompts_matches_transformers(weights_dir, dataset):
     """clip_r with every style's prompts competing (6 here): transformers' processor, tokenizer and CLIPModel."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -163,6 +167,7 @@ def test_clip_r_over_all_prompts_matches_transformers(weights_dir, dataset):
         assert scores["styles"][style]["clip_r"] == pytest.approx(expected[style])
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_lpips_pairs_match_network(scorer, dataset, rng):
     """The numpy pair loop over cached features equals running the LPIPS network on each pair."""
     from jdiffusion_lora._runtime import jt
@@ -202,6 +207,7 @@ def test_missing_weights_reported_not_computed(dataset, tmp_path):
         evaluate_folder(dataset / "gen" / "01", dataset / "refs", weights=str(empty))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_cli_writes_scores_charts_and_compares(weights_dir, dataset, tmp_path, capsys):
     from jdiffusion_lora.cli import evaluate as cli_evaluate
 

@@ -52,6 +52,7 @@ def inception_pair(tmp_path_factory):
     return ref, FIDInceptionV3.from_file(path)
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_inception_64_features_match_torch(inception_pair, rng):
     import torch
     from jdiffusion_lora._runtime import jt

@@ -26,6 +26,7 @@ def lpips_pair(tmp_path_factory):
     return ref, LPIPSSqueeze.from_files(*paths)
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_lpips_matches_torch(lpips_pair, rng):
     from jdiffusion_lora._runtime import jt
     ref, ours = lpips_pair

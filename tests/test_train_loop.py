@@ -268,6 +268,7 @@ def _unet_out(unet, seed=0):
         return unet(x, 500, ctx).sample.numpy()
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_lora_ga_init_and_its_rank_2r_file(tmp_path):
     """LoRA-GA: B != 0 at init but the model is unchanged (base offset); the saved rank-2r file applied to
     the untouched base model reproduces the trained model."""
@@ -288,6 +289,7 @@ def test_lora_ga_init_and_its_rank_2r_file(tmp_path):
     assert np.abs(_unet_out(fresh.unet) - trained).max() < 1e-4
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_prior_preservation_generates_class_images(tmp_path):
     class_dir = tmp_path / "class"
     c = config(tmp_path, with_prior_preservation=True, class_data_dir=str(class_dir), class_prompt="a shape",
@@ -302,6 +304,7 @@ def test_prior_preservation_generates_class_images(tmp_path):
     assert float(loss.item()) == pytest.approx(per[0] + 0.5 * per[1], rel=1e-5)
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_noise_and_loss_options_train(tmp_path):
     """Every option trains (2 steps, finite loss), and each changes what it should against the same
     samples without it: the noise, the timesteps, the captions, the per-sample loss or its weights."""

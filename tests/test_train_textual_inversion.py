@@ -78,6 +78,7 @@ def _config(tmp_path, name, **overrides):
     return build_config(os.path.join(repo, "configs", "demo.toml"), values)
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_ti_and_lora_in_one_run_save_one_file_that_reloads_to_the_same_images(tmp_path):
     from jdiffusion_lora.lora.formats import load_lora_state
     from jdiffusion_lora.train.trainer import Trainer

@@ -317,6 +317,7 @@ def test_checkpoints_atomic_and_pruned(tmp_path):
 
 # ---------------------------------------------------------------------------- optimizer
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 @pytest.mark.parametrize("kind", ["AdamW", "Adam", "SGD"])
 def test_optimizer_matches_torch_and_its_state_round_trips(kind):
     """Jittor's optimizers driven by our gradients: the same updates as torch.optim (PyTorch's AdamW

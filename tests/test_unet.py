@@ -61,6 +61,7 @@ def sd2(tmp_path_factory):
     return ref, folder, UNet2DConditionModel.from_pretrained(folder)
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_sd1_style_matches_diffusers(sd1):
     ref, _, ours = sd1
     rng = np.random.default_rng(0)
@@ -81,6 +82,7 @@ def test_sd1_style_matches_diffusers(sd1):
     assert max_abs_diff(expected_masked, expected) > 1e-3  # the mask really changed something
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_sd2_style_matches_diffusers(sd2):
     ref, _, ours = sd2
     rng = np.random.default_rng(1)
@@ -92,6 +94,7 @@ def test_sd2_style_matches_diffusers(sd2):
     assert max_abs_diff(to_numpy(got), expected) <= TOL
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_odd_size_uses_upsample_size_and_scalar_timestep(sd2):
     """12x10 latents with 2 downsamples: 12x10 -> 6x5 -> 3x3, so upsampling must target 6x5, 12x10."""
     ref, _, ours = sd2
@@ -130,6 +133,7 @@ def test_save_pretrained_roundtrip_loads_in_diffusers(sd1, tmp_path):
     assert back.config.attention_head_dim == ref.config.attention_head_dim
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_bin_and_fp16_variant_load(sd1, tmp_path):
     ref, _, ours = sd1
     own = ours.numpy_state_dict()

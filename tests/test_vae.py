@@ -63,6 +63,7 @@ def test_config_and_parameter_names(pair):
     assert ours.downscale_factor == 2
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_encode_decode_forward_match(pair):
     ref, ours, overrides = pair
     size = overrides["sample_size"]
@@ -101,6 +102,7 @@ def test_logvar_is_clamped():
         dist.sample(np.zeros((1, 4, 3, 3), dtype=np.float32))
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_slicing_matches_batched(pair):
     _, ours, overrides = pair
     size = overrides["sample_size"]
@@ -117,6 +119,7 @@ def test_slicing_matches_batched(pair):
     assert max_abs_diff(sliced_out, out) <= 1e-5
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_tiled_decode_and_encode_match_diffusers(tmp_path):
     """sample_size=16 -> 8x8 latent tiles; a 16x16 latent (32x32 image) is split into 3x3 tiles."""
     ref = make_reference(seed=3, sample_size=16)
@@ -152,6 +155,7 @@ def _save_folder(folder, config: dict, state: dict):
 
 
 @pytest.mark.parametrize("conv_shaped", [True, False])
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_old_attention_names_load(tmp_path, conv_shaped):
     ref = make_reference(seed=7, sample_size=16)
     renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -173,6 +177,7 @@ def test_old_attention_names_load(tmp_path, conv_shaped):
     assert max_abs_diff(to_numpy(ours(jt.array(x)).sample), to_numpy(expected)) <= TOL
 
 
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_save_pretrained_loads_in_diffusers(tmp_path):
     ours = AutoencoderKL(AutoencoderKLConfig(down_block_types=("DownEncoderBlock2D",) * 2,
                                              up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
