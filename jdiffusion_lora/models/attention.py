@@ -33,7 +33,9 @@ nn = jt.nn
 
 PATHS = ("loop", "batched", "memory_efficient", "fused")
 # Saved scores (bytes, float32, all samples and heads) above which training uses the memory-efficient path.
-SAVED_SCORES_LIMIT = 64 * 2 ** 20
+# The plain paths keep about four N x M buffers per head for the backward (scores, exponentials and their
+# slices), so even SD's cross-attention (4096 x 77 per head) and 1024-token self-attention add up to GBs.
+SAVED_SCORES_LIMIT = 2 ** 20
 FUSED_MAX_HEAD_DIM = 128
 
 
