@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from jdiffusion_lora import jt
+from jdiffusion_lora.lora import AdapterConfig, inject_adapter, lora_parameters
+from jdiffusion_lora.lora.layers import LoraLayer
 from jdiffusion_lora.models import layers, unet_2d_condition
-from jdiffusion_lora.models.lean_backward import Geglu, GroupNormAct, LayerNormFn, geglu
+from jdiffusion_lora.models.lean_backward import Geglu, GroupNormAct, LayerNormFn, LoraLinear, geglu
 from jdiffusion_lora.models.layers import GroupNorm, LayerNorm, norm_act
 
 GRAD_TOL = 2e-5
@@ -16,6 +18,7 @@ def _plain(monkeypatch):
     """Force the plain path everywhere the models choose the lean one."""
     for module in (layers, unet_2d_condition):
         monkeypatch.setattr(module, "lean_backward_applies", lambda *a: False)
+    monkeypatch.setattr(LoraLayer, "_lean_adapter", lambda self, x: None)
 
 
 def _frozen(module, seed):
@@ -98,7 +101,6 @@ def test_trainable_affine_keeps_the_plain_path():
 
 def test_unet_lora_gradients_unchanged(monkeypatch):
     """A whole tiny UNet's LoRA gradients (and the context's) with the lean functions equal the plain path's."""
-    from jdiffusion_lora.lora import AdapterConfig, inject_adapter, lora_parameters
     from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
 
     jt.set_global_seed(0)
@@ -124,3 +126,39 @@ def test_unet_lora_gradients_unchanged(monkeypatch):
     plain = grads()
     worst = max(np.abs(a - b).max() / max(1e-3, np.abs(b).max()) for a, b in zip(lean, plain))
     assert worst <= 1e-4
+
+
+class _Proj(jt.nn.Module):
+    def __init__(self):
+        self.to_q = jt.nn.Linear(24, 16)
+
+
+def test_lora_linear_matches_plain_path(monkeypatch):
+    """A frozen Linear with a rank-4 LoRA: same output, same gradients for x, down and up; dropout keeps the
+    plain path."""
+    jt.set_global_seed(0)
+    m = _Proj()
+    for p in m.parameters():
+        p.stop_grad()
+    inject_adapter(m, config=AdapterConfig(rank=4, alpha=2.0, init_up="gaussian", seed=0), targets=["to_q"])
+    params = lora_parameters(m)
+    x = np.random.default_rng(6).standard_normal((2, 5, 24)).astype(np.float32)
+
+    def run():
+        xv = jt.array(x)
+        y = m.to_q(xv)
+        dy = jt.array(np.random.default_rng(7).standard_normal(y.shape).astype(np.float32))
+        return [y.numpy()] + [g.numpy() for g in jt.grad((y * dy).sum(), [xv] + params)]
+
+    used = []
+    monkeypatch.setattr(LoraLinear, "__call__", lambda self, *a, _o=LoraLinear.__call__: used.append(1) or _o(self, *a))
+    lean = run()
+    assert used
+    _plain(monkeypatch)
+    plain = run()
+    np.testing.assert_allclose(lean[0], plain[0], rtol=0, atol=1e-6)
+    for a, b in zip(lean[1:], plain[1:]):
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    monkeypatch.undo()
+    m.to_q._adapters[m.to_q.adapter_names[0]].dropout = 0.1
+    assert m.to_q._lean_adapter(jt.array(x)) is None

@@ -10,6 +10,7 @@ each backward formula reads. These `jt.Function`s do the same: their forward is 
     group_norm_act(x)   x and one (mean, std) per group           (B, C, ...)  +  (B, G, 1) x 2
     layer_norm(x)       x and one (mean, std) per row             (..., C)     +  (..., 1) x 2
     geglu(h)            h, the projection                         (..., 2I)
+    lora_linear(x)      x and the rank-r activation h = x D^T     (..., Cin)   +  (..., r)
 
 then rebuild the rest in the backward. Used only where a gradient flows and the affine weights are frozen
 (LoRA training): the weight/bias get no gradient here. Pure Jittor ops, so the same code runs on CPU and GPU.
@@ -18,6 +19,7 @@ Formulas (xhat = (x - mean) / std, y = xhat * w + b, reductions over each group 
     dxhat = dy * w,   dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / std
     silu(y) = y * s, s = sigmoid(y):      d/dy = s * (1 + y * (1 - s))
     gelu(g) = g * Phi(g):                 d/dg = Phi(g) + g * phi(g),  Phi, phi: the normal cdf and pdf
+    y = x W^T + b + s (x D^T) U^T:        dx = dy W + s (dy U) D,  dU = s dy^T h,  dD = s (dy U)^T x
 """
 from __future__ import annotations
 
@@ -139,6 +141,41 @@ class Geglu(jt.Function):
         return jt.concat([da, dg], dim=-1).cast(h.dtype)
 
 
+class LoraLinear(jt.Function):
+    """A frozen Linear (weight W, bias b) plus one low-rank adapter (down D (r, Cin), up U (Cout, r), scale s).
+    Plain ops keep several copies of x per layer (10 input-sized tensors per layer, measured); this saves x and h."""
+
+    def __init__(self, weight, bias, scale: float):
+        self.weight, self.bias, self.scale = weight, bias, scale
+
+    def execute(self, x, down, up):
+        shape = x.shape
+        x2 = _constant(x).reshape(-1, shape[-1])                                 # (N, Cin)
+        down, up, w = _constant(down), _constant(up), _constant(self.weight)
+        out = jt.nn.matmul_transpose(x2, w)                                      # (N, Cout)
+        if self.bias is not None:
+            out = out + _constant(self.bias)
+        h = jt.nn.matmul_transpose(x2, down)                                     # (N, r)
+        out = out + jt.nn.matmul_transpose(h, up) * self.scale
+        self.saved = (x2, h, down, up, shape)
+        return out.reshape(tuple(shape[:-1]) + (w.shape[0],))
+
+    def grad(self, dout):
+        x2, h, down, up, shape = self.saved
+        self.saved = None
+        dy = _constant(dout).reshape(-1, dout.shape[-1])                         # (N, Cout)
+        dh = jt.nn.matmul(dy, up) * self.scale                                   # (N, r)
+        dx = jt.nn.matmul(dy, _constant(self.weight)) + jt.nn.matmul(dh, down)   # (N, Cin)
+        d_up = jt.nn.matmul(dy.transpose(1, 0), h) * self.scale                 # (Cout, r)
+        d_down = jt.nn.matmul(dh.transpose(1, 0), x2)                            # (r, Cin)
+        return dx.reshape(shape), d_down, d_up
+
+
+def lora_linear(x, weight, bias, down, up, scale: float):
+    """x W^T + b + scale * (x D^T) U^T for a frozen W, b, with the lean backward (float32)."""
+    return LoraLinear(weight, bias, scale)(x, down, up)
+
+
 def group_norm_act(norm, x, silu: bool = False):
     """`norm` (our GroupNorm module) on x, then SiLU if `silu`, with the lean backward."""
     weight = norm.weight if norm.affine else None
@@ -158,4 +195,5 @@ def geglu(h):
     return Geglu()(h)
 
 
-__all__ = ["lean_backward_applies", "group_norm_act", "layer_norm", "geglu", "GroupNormAct", "LayerNormFn", "Geglu"]
+__all__ = ["lean_backward_applies", "group_norm_act", "layer_norm", "geglu", "lora_linear", "GroupNormAct", "LayerNormFn",
+           "Geglu", "LoraLinear"]
