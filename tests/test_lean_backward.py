@@ -45,6 +45,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow   # compiles the plain path's backward kernels, which no default test needs (CI runs the slow set)
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_lean_matches_plain_path(case, monkeypatch):
     make, call, shape = CASES[case]
@@ -99,6 +100,7 @@ def test_trainable_affine_keeps_the_plain_path():
     assert np.abs(gw.numpy()).max() > 0 and np.abs(gx.numpy()).max() > 0
 
 
+@pytest.mark.slow   # compiles the plain path's backward kernels, which no default test needs (CI runs the slow set)
 def test_unet_lora_gradients_unchanged(monkeypatch):
     """A whole tiny UNet's LoRA gradients (and the context's) with the lean functions equal the plain path's."""
     from jdiffusion_lora.models.unet_2d_condition import UNet2DConditionConfig, UNet2DConditionModel
@@ -133,6 +135,7 @@ class _Proj(jt.nn.Module):
         self.to_q = jt.nn.Linear(24, 16)
 
 
+@pytest.mark.slow   # compiles the plain path's backward kernels, which no default test needs (CI runs the slow set)
 def test_lora_linear_matches_plain_path(monkeypatch):
     """A frozen Linear with a rank-4 LoRA: same output, same gradients for x, down and up; dropout keeps the
     plain path."""
