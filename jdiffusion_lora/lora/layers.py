@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .._runtime import jt
+from ..models.lean_backward import lora_linear
 from .adapter_math import AdapterTensors, delta_weight, norm_axes, rank_of, scale_of
 
 nn = jt.nn
@@ -333,7 +334,25 @@ class LoraLayer(nn.Module):
             scale = scale / (1.0 - adapter.rank_dropout)
         return self._apply(h, up, spatial=False) * scale
 
+    def _lean_adapter(self, x):
+        """The one active plain LoRA adapter when the lean-backward Linear applies (frozen float32 Linear,
+        no dropout of any kind, not fused, gradients on), else None."""
+        if (self.layer_type != "linear" or not self._enabled or self._fused or len(self._active) != 1
+                or jt.flags.no_grad or not self.weight.is_stop_grad()
+                or (self.bias is not None and not self.bias.is_stop_grad())):
+            return None
+        adapter = self._adapters[self._active[0]]
+        if (not adapter.low_rank_path or adapter.dropout or adapter.input_dropout or adapter.rank_dropout
+                or adapter.module_dropout):
+            return None
+        tensors = (x, self.weight, adapter.tensors["down"], adapter.tensors["up"])
+        return adapter if all(str(t.dtype) == "float32" for t in tensors) else None
+
     def execute(self, x):
+        adapter = self._lean_adapter(x)
+        if adapter is not None:   # training a LoRA: save x and the rank-r activation only (models/lean_backward)
+            return lora_linear(x, self.weight, self.bias, adapter.tensors["down"], adapter.tensors["up"],
+                               adapter.scale * self._multipliers[self._active[0]])
         out = self.base_layer(x)
         if not self._enabled:
             return out

@@ -33,7 +33,12 @@ nn = jt.nn
 
 PATHS = ("loop", "batched", "memory_efficient", "fused")
 # Saved scores (bytes, float32, all samples and heads) above which training uses the memory-efficient path.
-SAVED_SCORES_LIMIT = 64 * 2 ** 20
+# The plain paths keep about four N x M buffers per head for the backward (scores, exponentials and their
+# slices), so even SD's cross-attention (4096 x 77 per head) and 1024-token self-attention add up to GBs.
+SAVED_SCORES_LIMIT = 2 ** 20
+# The memory-efficient path's query blocks: the backward holds about four N x M float32 buffers per block, so
+# (n, M) blocks are capped near this size (4096 x 4096 tokens: 3 blocks of 1365 queries, not one of 4096).
+MEMORY_EFFICIENT_BLOCK_BYTES = 64 * 2 ** 20
 FUSED_MAX_HEAD_DIM = 128
 
 
@@ -264,7 +269,8 @@ class MemoryEfficientAttention(jt.Function):
         b, n, inner = q.shape
         d = inner // self.heads
         if self.chunk is None:  # fixed at the forward pass, so the backward walks the same blocks
-            self.chunk = query_chunk_size(n, k.shape[1])
+            budget = min(free_memory_bytes() // 4, MEMORY_EFFICIENT_BLOCK_BYTES)
+            self.chunk = query_chunk_size(n, k.shape[1], budget=budget)
         size = self.chunk
         for i in range(b):
             for h in range(self.heads):

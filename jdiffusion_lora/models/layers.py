@@ -13,6 +13,7 @@ from .._runtime import jt
 from ..configuration import ConfigError
 from .attention import attention
 from .checkpointing import Checkpointable
+from .lean_backward import group_norm_act, layer_norm, lean_backward_applies
 
 nn = jt.nn
 
@@ -90,6 +91,8 @@ class GroupNorm(nn.Module):
             self.bias = jt.zeros((num_channels,), dtype="float32")
 
     def execute(self, x):
+        if lean_backward_applies(x, *self._affine()):       # training a LoRA: save x, not the centred copy
+            return group_norm_act(self, x)
         dtype = x.dtype
         n = x.shape[0]
         h = x.float32().reshape(n, self.num_groups, -1)                  # (B, G, C/G * spatial)
@@ -100,6 +103,16 @@ class GroupNorm(nn.Module):
             shape = (1, self.num_channels) + (1,) * (x.ndim - 2)
             h = h * self.weight.float32().reshape(shape) + self.bias.float32().reshape(shape)
         return h.cast(dtype)
+
+    def _affine(self):
+        return (self.weight, self.bias) if self.affine else ()
+
+
+def norm_act(norm, act, x):
+    """act(norm(x)); GroupNorm + SiLU as one lean-backward step where it applies (see lean_backward)."""
+    if act is nn.silu and isinstance(norm, GroupNorm) and lean_backward_applies(x, *norm._affine()):
+        return group_norm_act(norm, x, silu=True)
+    return act(norm(x))
 
 
 class LayerNorm(nn.Module):
@@ -119,6 +132,8 @@ class LayerNorm(nn.Module):
             self.bias = jt.zeros(self.normalized_shape, dtype="float32")
 
     def execute(self, x):
+        if lean_backward_applies(x, *((self.weight, self.bias) if self.elementwise_affine else ())):
+            return layer_norm(self, x)                       # training a LoRA: save x, not the centred copy
         dtype = x.dtype
         h = x.float32()                                                    # (..., C)
         h = h - h.mean(dim=-1, keepdims=True)
@@ -148,10 +163,10 @@ class ResnetBlock2D(Checkpointable, nn.Module):
         self.output_scale_factor = output_scale_factor
 
     def execute(self, x, temb=None):
-        h = self.conv1(self.act(self.norm1(x)))                           # (B, Cout, H, W)
+        h = self.conv1(norm_act(self.norm1, self.act, x))                 # (B, Cout, H, W)
         if self.time_emb_proj is not None and temb is not None:
             h = h + self.time_emb_proj(self.act(temb))[:, :, None, None]  # (B, Cout, 1, 1)
-        h = self.conv2(self.dropout(self.act(self.norm2(h))))
+        h = self.conv2(self.dropout(norm_act(self.norm2, self.act, h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return (x + h) / self.output_scale_factor

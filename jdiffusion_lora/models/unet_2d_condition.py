@@ -21,7 +21,8 @@ import numpy as np
 from .._runtime import jt
 from .checkpointing import Checkpointable
 from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D,
-                     activation, timestep_embedding)
+                     activation, norm_act, timestep_embedding)
+from .lean_backward import geglu, lean_backward_applies
 from .modeling import ConfigError, ModelMixin
 
 nn = jt.nn
@@ -141,6 +142,8 @@ class GEGLU(nn.Module):
 
     def execute(self, x):
         h = self.proj(x)                                        # (B, N, 2*inner)
+        if lean_backward_applies(h):                            # training: save h only (see lean_backward)
+            return geglu(h)
         return h[..., :self.dim_out] * nn.gelu(h[..., self.dim_out:])
 
 
@@ -468,7 +471,7 @@ class UNet2DConditionModel(ModelMixin):
                 upsample_size = tuple(skips[-1].shape[2:])
             x = block(x, block_skips, emb, encoder_hidden_states, context_mask, upsample_size=upsample_size)
 
-        x = self.conv_out(self._act(self.conv_norm_out(x)))                  # (B, out_channels, H, W)
+        x = self.conv_out(norm_act(self.conv_norm_out, self._act, x))       # (B, out_channels, H, W)
         return UNet2DConditionOutput(sample=x)
 
 

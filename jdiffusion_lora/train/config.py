@@ -177,6 +177,7 @@ class TrainConfig:
     # trigger, scored with hist; prints a table and writes before_after.png / .json (train/compare.py).
     before_after: bool = False
     before_after_prompts: int = 0         # prompts per style; 0 = all of prompt.json
+    before_after_seeds: int = 8           # seeds per prompt; a prompt's score is their mean
     validation_every: int = 0             # steps; 0 = off
     validation_images: List[str] = field(default_factory=list)  # held out: "<style>/<file name>"
     validation_seed: int = 0
@@ -227,7 +228,8 @@ RANGES: Dict[str, Range] = {
     "global_batch_size": AT_LEAST_0,
     "ema_decay": BELOW_1, "save_every": AT_LEAST_0, "keep_last": AT_LEAST_0, "log_every": AT_LEAST_1,
     "sample_every": AT_LEAST_0, "sample_seed": SEED_RANGE, "sample_steps": AT_LEAST_1, "sample_guidance": GUIDANCE,
-    "before_after_prompts": AT_LEAST_0, "validation_every": AT_LEAST_0, "validation_seed": SEED_RANGE,
+    "before_after_prompts": AT_LEAST_0, "before_after_seeds": AT_LEAST_1, "validation_every": AT_LEAST_0,
+    "validation_seed": SEED_RANGE,
     "min_bucket_reso": PIXELS, "max_bucket_reso": PIXELS, "bucket_reso_steps": PIXELS,
     "ti_num_vectors": AT_LEAST_1, "ti_learning_rate": POSITIVE,
 }
