@@ -28,6 +28,7 @@ import os
 from typing import Optional
 
 from .._runtime import jt
+from .checkpointing import rebuilding
 
 nn = jt.nn
 
@@ -288,19 +289,23 @@ class MemoryEfficientAttention(jt.Function):
         dtype = q.dtype
         q, k, v = _constant(q), _constant(k), _constant(v)      # the backward is ours: no graph kept here
         samples, lses = [], []
+        after = None   # inside a checkpoint's rebuild: a zero tying each block to the previous one (no sync)
         for i, h, cols, chunks in self._blocks(q, k):
             if h == 0:
                 samples.append([])
             vh = v[i, :, cols].float32()
             outs = []
             for s, e in chunks:
-                scores = self._scores(q, k, i, h, cols, s, e, mask)
+                scores = self._scores(q if after is None else q + after, k, i, h, cols, s, e, mask)
                 mx = _reduce_rows(scores, "max")                                  # (n, 1)
                 ex = (scores - mx).exp().stop_fuse()
                 total = _reduce_rows(ex, "sum")
                 outs.append(_block_matmul(ex, vh) / total)                        # (n, D)
                 lses.append(mx + total.log())                                     # (n, 1)
-                jt.sync(outs[-1:] + lses[-1:])   # one block's scores at a time (see the class docstring)
+                if rebuilding():   # the backward graph is being built: order the blocks instead (see `grad`)
+                    after = _zero_after(outs[-1], lses[-1])
+                else:
+                    jt.sync(outs[-1:] + lses[-1:])   # one block's scores at a time (see the class docstring)
             samples[-1].append(outs[0] if len(outs) == 1 else jt.concat(outs, dim=0))
         out = jt.stack([jt.concat(o, dim=1) for o in samples], dim=0)             # (B, N, heads*D) float32
         self.saved = (q, k, v, mask, out, lses)

@@ -113,6 +113,16 @@ class _RandomTape:
 
 # ------------------------------------------------------------------------------ the function
 
+_REBUILDING = [0]
+
+
+def rebuilding() -> bool:
+    """True while a checkpointed block's forward is rebuilt inside the backward pass. Nothing may sync then:
+    jt.grad is still building the backward graph, and a sync would run it half-built, materialising every
+    gradient built so far (a convolution's generic 7-D gradient: a segfault at SD 2.1 / 512 px)."""
+    return _REBUILDING[0] > 0
+
+
 class _Checkpoint(jt.Function):
     """jt.Function over (inputs..., trainables...); `fn` closes over the trainables itself."""
 
@@ -142,8 +152,12 @@ class _Checkpoint(jt.Function):
                 a = a.detach()
                 a.start_grad()
             xs.append(a)
-        with self.tape.replaying():
-            out = self.fn(*xs)                                           # the forward, rebuilt
+        _REBUILDING[0] += 1
+        try:
+            with self.tape.replaying():
+                out = self.fn(*xs)                                       # the forward, rebuilt
+        finally:
+            _REBUILDING[0] -= 1
         wrt = [x for x, need in zip(xs, self.needs) if need] + list(self.trainables)
         if dout is None or not wrt:
             return [None] * (self.n_inputs + len(self.trainables))
@@ -165,4 +179,4 @@ def checkpoint(fn, trainables: Optional[List["jt.Var"]], *inputs):
     return func(*inputs, *trainables)
 
 
-__all__ = ["Checkpointable", "checkpoint", "set_gradient_checkpointing", "trainable_vars"]
+__all__ = ["Checkpointable", "checkpoint", "rebuilding", "set_gradient_checkpointing", "trainable_vars"]

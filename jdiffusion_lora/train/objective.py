@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .._runtime import DEVICE, jt
+from .._runtime import jt
 from ..models.modeling import to_model_dtype
 
 
@@ -78,7 +78,7 @@ def training_scheduler(pipe, c):
 
 
 def check_model_fits(pipe, c, printer: Callable[[str], None]) -> None:
-    """The config's token length and resolution against the model's limits (and a known bug's warning)."""
+    """The config's token length and resolution against the model's limits."""
     max_pos = pipe.text_encoder.config.max_position_embeddings
     if c.max_token_length > max_pos:
         raise ValueError(f"max_token_length {c.max_token_length} exceeds the text encoder's {max_pos} positions")
@@ -88,9 +88,6 @@ def check_model_fits(pipe, c, printer: Callable[[str], None]) -> None:
     if c.enable_bucket and c.bucket_reso_steps % factor:
         raise ValueError(f"bucket_reso_steps must be a multiple of {factor} (the VAE's downsampling), "
                          f"got {c.bucket_reso_steps}")
-    if c.gradient_checkpointing and DEVICE == "cpu" and c.resolution >= 512:   # README, "Real size": known bug
-        printer("warning: gradient checkpointing crashed Jittor on CPU with SD 2.1 at 512 px (it runs at 128 px); "
-                "if the first step fails, train without it")
 
 
 class DenoisingLoss:
