@@ -277,9 +277,13 @@ class MemoryEfficientAttention(jt.Function):
             for h in range(self.heads):
                 yield i, h, slice(h * d, (h + 1) * d), _chunks(n, size)
 
-    def _scores(self, q, k, i, h, cols, s, e, mask):
+    def _scores(self, q, k, i, h, cols, s, e, mask, after=None):
+        """One block's scaled scores (n, M); `after`, a zero from `_zero_after`, orders it behind the last block."""
         d = q.shape[2] // self.heads
-        scores = _block_matmul(q[i, s:e, cols].float32() * d ** -0.5, k[i, :, cols].float32(), True)   # (n, M)
+        qb = q[i, s:e, cols].float32()                                                                # (n, D)
+        if after is not None:
+            qb = qb + after
+        scores = _block_matmul(qb * d ** -0.5, k[i, :, cols].float32(), True)                          # (n, M)
         if mask is not None:
             scores = scores + _mask_rows(mask, i, h, slice(s, e))
         return scores
@@ -296,7 +300,7 @@ class MemoryEfficientAttention(jt.Function):
             vh = v[i, :, cols].float32()
             outs = []
             for s, e in chunks:
-                scores = self._scores(q if after is None else q + after, k, i, h, cols, s, e, mask)
+                scores = self._scores(q, k, i, h, cols, s, e, mask, after)
                 mx = _reduce_rows(scores, "max")                                  # (n, 1)
                 ex = (scores - mx).exp().stop_fuse()
                 total = _reduce_rows(ex, "sum")
@@ -335,8 +339,7 @@ class MemoryEfficientAttention(jt.Function):
             kh, vh = k[i, :, cols].float32(), v[i, :, cols].float32()            # (M, D)
             dq_parts, dk, dv = [], None, None
             for s, e in chunks:
-                qb = q if after is None else q + after
-                p = (self._scores(qb, k, i, h, cols, s, e, mask) - next(lse_iter)).exp()   # (n, M)
+                p = (self._scores(q, k, i, h, cols, s, e, mask, after) - next(lse_iter)).exp()   # (n, M)
                 do = dout[i, s:e, cols]                                           # (n, D)
                 dv_c = _block_matmul(p.transpose(1, 0), do)                       # (M, D)
                 dp = _block_matmul(do, vh, True)                                  # (n, M)

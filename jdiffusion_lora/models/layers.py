@@ -132,7 +132,7 @@ class LayerNorm(nn.Module):
             self.bias = jt.zeros(self.normalized_shape, dtype="float32")
 
     def execute(self, x):
-        if lean_backward_applies(x, *((self.weight, self.bias) if self.elementwise_affine else ())):
+        if lean_backward_applies(x, *self._affine()):
             return layer_norm(self, x)                       # training a LoRA: save x, not the centred copy
         dtype = x.dtype
         h = x.float32()                                                    # (..., C)
@@ -141,6 +141,9 @@ class LayerNorm(nn.Module):
         if self.elementwise_affine:
             h = h * self.weight.float32() + self.bias.float32()
         return h.cast(dtype)
+
+    def _affine(self):
+        return (self.weight, self.bias) if self.elementwise_affine else ()
 
 
 # --------------------------------------------------------------------------- resnet and resampling

@@ -24,7 +24,6 @@ Formulas (xhat = (x - mean) / std, y = xhat * w + b, reductions over each group 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 from .._runtime import jt
 from .attention import _constant
