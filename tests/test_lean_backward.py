@@ -1,4 +1,4 @@
-"""The lean-backward GroupNorm(+SiLU), LayerNorm and GEGLU (models/lean_backward.py): same forward values and
+"""The lean-backward GroupNorm(+SiLU), LayerNorm, GEGLU and frozen Linear (models/lean_backward.py): same forward values and
 same gradients as the plain Jittor path and as PyTorch's autograd, used only where the affine weights are frozen."""
 import numpy as np
 import pytest
@@ -8,7 +8,7 @@ from jdiffusion_lora import jt
 from jdiffusion_lora.lora import AdapterConfig, inject_adapter, lora_parameters
 from jdiffusion_lora.lora.layers import LoraLayer
 from jdiffusion_lora.models import layers, unet_2d_condition
-from jdiffusion_lora.models.lean_backward import Geglu, GroupNormAct, LayerNormFn, LoraLinear, geglu
+from jdiffusion_lora.models.lean_backward import FrozenLinear, Geglu, GroupNormAct, LayerNormFn, LoraLinear, geglu
 from jdiffusion_lora.models.layers import GroupNorm, LayerNorm, norm_act
 
 GRAD_TOL = 2e-5
@@ -42,6 +42,8 @@ CASES = {
                         (2, 16, 5, 7)),
     "layer_norm": (lambda: _frozen(LayerNorm(24), 0), lambda m, x: m(x), (2, 9, 24)),
     "geglu": (lambda: _frozen(unet_2d_condition.GEGLU(24, 12), 0), lambda m, x: m(x), (2, 9, 24)),
+    "linear": (lambda: _frozen(layers.Linear(24, 12), 0), lambda m, x: m(x), (2, 9, 24)),
+    "linear_no_bias": (lambda: _frozen(layers.Linear(24, 12, bias=False), 0), lambda m, x: m(x), (3, 24)),
 }
 
 
@@ -52,7 +54,7 @@ def test_lean_matches_plain_path(case, monkeypatch):
     module = make()
     x = (np.random.default_rng(2).standard_normal(shape) * 3 + 1).astype(np.float32)
     used = []
-    for cls in (GroupNormAct, LayerNormFn, Geglu):   # the lean function really runs
+    for cls in (GroupNormAct, LayerNormFn, Geglu, FrozenLinear):   # the lean function really runs
         monkeypatch.setattr(cls, "__call__", lambda self, *a, _o=cls.__call__: used.append(1) or _o(self, *a))
     y_lean, g_lean, _ = _value_and_grad(lambda v: call(module, v), x)
     assert used
@@ -90,6 +92,36 @@ def test_lean_matches_torch_autograd():
     torch.nn.functional.layer_norm(ht, (32,), torch.from_numpy(w.repeat(2)), torch.from_numpy(b.repeat(2))
                                    ).backward(torch.from_numpy(dy))
     assert np.abs(got - ht.grad.numpy()).max() <= 1e-5
+
+
+def _held_bytes(shape):
+    """Bytes held by live, allocated Vars of `shape` (Jittor's graph dump)."""
+    import re
+    total, seen = 0, set()
+    for info in jt.dump_all_graphs().nodes_info:
+        m = re.match(r"Var\(\d+:[^,]*,[^,]*,[^,]*,([0-9a-fx]+)\)\[([^\]]*)\]", info)
+        if m and m.group(1) != "0" and m.group(1) not in seen and m.group(2) == ",".join(map(str, shape)) + ",":
+            seen.add(m.group(1))
+            total += 4 * int(np.prod(shape))
+    return total
+
+
+def test_frozen_linear_keeps_nothing_of_its_input():
+    """Plain Jittor keeps a frozen matmul's input until the backward; the lean Linear keeps none of it, so two
+    frozen Linears in a row leave only the (Python-held) input and output alive after the forward."""
+    first, second = _frozen(layers.Linear(48, 40), 0), _frozen(layers.Linear(40, 48), 1)
+    scale = jt.array(np.float32([2.0]))       # a trainable input upstream: gradients flow through both layers
+    x = jt.array(np.random.default_rng(8).standard_normal((300, 48)).astype(np.float32)).stop_grad() * scale
+    mid_shape = (300, 40)
+    y = second(first(x))
+    loss = (y * y).sum()
+    loss.sync()
+    assert _held_bytes(mid_shape) == 0                  # the first layer's output was freed after the second read it
+    g = jt.grad(loss, scale).numpy()
+    w1, w2 = first.weight.numpy(), second.weight.numpy()
+    xs = x.numpy() / 2.0
+    y_np = (xs * 2 @ w1.T + first.bias.numpy()) @ w2.T + second.bias.numpy()
+    np.testing.assert_allclose(g, [(2 * y_np * ((xs @ w1.T) @ w2.T)).sum()], rtol=1e-4)
 
 
 def test_trainable_affine_keeps_the_plain_path():

@@ -364,3 +364,28 @@ def test_optimizer_matches_torch_and_its_state_round_trips(kind):
     assert count == 6
     for a, b in zip(full, resumed):
         assert np.array_equal(a, b)
+
+
+def test_frozen_base_stays_frozen_through_eval_and_train():
+    """Jittor's Module.eval() records each parameter's grad state once and train() restores it: a model that
+    was in eval mode before freeze_base must not get its base weights back as trainable at the next train()
+    (they would keep every activation alive and bypass the lean backward)."""
+    from jdiffusion_lora import jt
+    from jdiffusion_lora.lora import AdapterConfig, inject_adapter, lora_parameters
+    from jdiffusion_lora.models.layers import Attention
+    from jdiffusion_lora.train.adapters import freeze_base
+
+    class Block(jt.nn.Module):
+        def __init__(self):
+            self.attn = Attention(8, heads=2, dim_head=4)
+
+    model = Block()
+    model.eval()                                   # e.g. a pipeline that sampled before training started
+    model.train()
+    inject_adapter(model, config=AdapterConfig(rank=2), targets=["to_q"])
+    assert freeze_base([model]) == len(model.parameters())
+    for _ in range(2):
+        model.eval()
+        model.train()
+    assert all(p.is_stop_grad() for p in model.parameters())
+    assert not any(p.is_stop_grad() for p in lora_parameters(model))

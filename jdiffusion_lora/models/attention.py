@@ -35,8 +35,12 @@ nn = jt.nn
 PATHS = ("loop", "batched", "memory_efficient", "fused")
 # Saved scores (bytes, float32, all samples and heads) above which training uses the memory-efficient path.
 # The plain paths keep about four N x M buffers per head for the backward (scores, exponentials and their
-# slices), so even SD's cross-attention (4096 x 77 per head) and 1024-token self-attention add up to GBs.
-SAVED_SCORES_LIMIT = 2 ** 20
+# slices), so even SD's cross-attention (4096 x 77 per head) and 1024-token self-attention add up to GBs,
+# and CLIP's 77-token self-attention (12-16 heads, 23 layers) some 100 MB.
+SAVED_SCORES_LIMIT = 2 ** 18
+# One block's scores (bytes) from which the memory-efficient forward computes each block before building the
+# next (smaller blocks cannot add up to much, and a sync per block would cost more than it saves).
+SYNC_BLOCK_BYTES = 2 ** 20
 # The memory-efficient path's query blocks: the backward holds about four N x M float32 buffers per block, so
 # (n, M) blocks are capped near this size (4096 x 4096 tokens: 3 blocks of 1365 queries, not one of 4096).
 MEMORY_EFFICIENT_BLOCK_BYTES = 64 * 2 ** 20
@@ -238,9 +242,27 @@ def _batched(q, k, v, heads, mask, dropout, chunk):
 
 # --------------------------------------------------------------------------- memory-efficient path
 
-def _block_matmul(a, b_, transpose_b: bool = False):
-    """2-D matmul on CPU (oneDNN), also fine on GPU."""
+def _block_matmul(a, b_, transpose_b: bool = False, transpose_a: bool = False):
+    """2-D matmul a(^T) b(^T) on CPU (oneDNN), also fine on GPU.
+
+    A transposed left operand goes straight to the BLAS as a flag (oneDNN / cuBLAS `trans_a`): Jittor's
+    `transpose` op copies the matrix first, which took a quarter of a 512 px SD 2.1 training step on the
+    (n, M) score blocks of the memory-efficient backward. Used only where no gradient flows through the
+    product (inside a jt.Function), as the BLAS ops have no backward of their own."""
+    if transpose_a:
+        blas = _transposing_blas()
+        if blas is not None:
+            return blas(a, b_, True, transpose_b)
+        a = a.transpose(1, 0)
     return nn.matmul_transpose(a, b_) if transpose_b else nn.matmul(a, b_)
+
+
+def _transposing_blas():
+    """The BLAS matmul op with transpose flags for this device (mkl_matmul / cublas_matmul), or None."""
+    from jittor import compile_extern
+    ops = compile_extern.cublas_ops if jt.flags.use_cuda else compile_extern.mkl_ops
+    name = "cublas_matmul" if jt.flags.use_cuda else "mkl_matmul"
+    return getattr(ops, name, None) if ops is not None else None
 
 
 def _constant(x):
@@ -308,7 +330,7 @@ class MemoryEfficientAttention(jt.Function):
                 lses.append(mx + total.log())                                     # (n, 1)
                 if rebuilding():   # the backward graph is being built: order the blocks instead (see `grad`)
                     after = _zero_after(outs[-1], lses[-1])
-                else:
+                elif 4 * (e - s) * k.shape[1] >= SYNC_BLOCK_BYTES:
                     jt.sync(outs[-1:] + lses[-1:])   # one block's scores at a time (see the class docstring)
             samples[-1].append(outs[0] if len(outs) == 1 else jt.concat(outs, dim=0))
         out = jt.stack([jt.concat(o, dim=1) for o in samples], dim=0)             # (B, N, heads*D) float32
@@ -341,12 +363,12 @@ class MemoryEfficientAttention(jt.Function):
             for s, e in chunks:
                 p = (self._scores(q, k, i, h, cols, s, e, mask, after) - next(lse_iter)).exp()   # (n, M)
                 do = dout[i, s:e, cols]                                           # (n, D)
-                dv_c = _block_matmul(p.transpose(1, 0), do)                       # (M, D)
+                dv_c = _block_matmul(p, do, transpose_a=True)                      # (M, D)
                 dp = _block_matmul(do, vh, True)                                  # (n, M)
                 row = (do * out[i, s:e, cols]).sum(dim=1, keepdims=True)          # (n, 1)
                 ds = p * (dp - row)                                               # (n, M)
                 dq_parts.append(_block_matmul(ds, kh) * scale)                    # (n, D)
-                dk_c = _block_matmul(ds.transpose(1, 0), q[i, s:e, cols].float32()) * scale   # (M, D)
+                dk_c = _block_matmul(ds, q[i, s:e, cols].float32(), transpose_a=True) * scale   # (M, D)
                 dk = dk_c if dk is None else dk + dk_c
                 dv = dv_c if dv is None else dv + dv_c
                 after = _zero_after(dq_parts[-1], dk, dv)   # one block's scores at a time (see `grad`'s note)

@@ -21,7 +21,7 @@ import numpy as np
 from .._runtime import jt
 from .attention import attention
 from .checkpointing import Checkpointable
-from .layers import LayerNorm, activation
+from .layers import LayerNorm, Linear, activation
 from .modeling import ConfigError, ModelMixin
 
 nn = jt.nn
@@ -124,10 +124,10 @@ class CLIPAttention(nn.Module):
         self.head_dim = self.embed_dim // self.num_heads
         self.scale = self.head_dim ** -0.5
         self.dropout = config.attention_dropout
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.out_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.k_proj = Linear(self.embed_dim, self.embed_dim)
+        self.v_proj = Linear(self.embed_dim, self.embed_dim)
+        self.q_proj = Linear(self.embed_dim, self.embed_dim)
+        self.out_proj = Linear(self.embed_dim, self.embed_dim)
 
     def execute(self, x: jt.Var, mask: jt.Var, row_valid: Optional[jt.Var] = None) -> jt.Var:
         """x (B, T, C); mask (B or 1, 1, T, T) additive float32; row_valid (B, 1, T, 1) or None."""
@@ -143,8 +143,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.act = clip_activation(config)
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def execute(self, x: jt.Var) -> jt.Var:
         return self.fc2(self.act(self.fc1(x)))

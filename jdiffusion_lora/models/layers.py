@@ -13,7 +13,7 @@ from .._runtime import jt
 from ..configuration import ConfigError
 from .attention import attention
 from .checkpointing import Checkpointable
-from .lean_backward import group_norm_act, layer_norm, lean_backward_applies
+from .lean_backward import frozen_linear, group_norm_act, layer_norm, lean_backward_applies
 
 nn = jt.nn
 
@@ -58,13 +58,23 @@ def timestep_embedding(timesteps, dim: int, flip_sin_to_cos: bool = False, downs
     return emb
 
 
+class Linear(nn.Linear):
+    """Jittor's nn.Linear (same parameters and names); while training a LoRA with this layer frozen, the
+    product goes through `frozen_linear`, which keeps nothing of the input for the backward."""
+
+    def execute(self, x):
+        if lean_backward_applies(x, self.weight, self.bias):
+            return frozen_linear(x, self.weight, self.bias)
+        return super().execute(x)
+
+
 class TimestepEmbedding(nn.Module):
     """MLP on the sinusoidal embedding: linear_1 -> act -> linear_2."""
 
     def __init__(self, in_channels: int, time_embed_dim: int, act_fn: str = "silu"):
-        self.linear_1 = nn.Linear(in_channels, time_embed_dim)
+        self.linear_1 = Linear(in_channels, time_embed_dim)
         self.act = activation(act_fn)
-        self.linear_2 = nn.Linear(time_embed_dim, time_embed_dim)
+        self.linear_2 = Linear(time_embed_dim, time_embed_dim)
 
     def execute(self, sample):
         return self.linear_2(self.act(self.linear_1(sample)))
@@ -148,6 +158,13 @@ class LayerNorm(nn.Module):
 
 # --------------------------------------------------------------------------- resnet and resampling
 
+def _divisor(value: float, like):
+    """`value` as a stop-grad Var of like's shape, to divide by. Jittor's divide keeps its dividend for the
+    backward whenever the divisor may need a gradient, and a Python number or a broadcast scalar may; skipping
+    a division by 1 instead would change how the kernels fuse, and so the rounding."""
+    return jt.array(np.float32(value)).broadcast(like.shape).stop_grad()
+
+
 class ResnetBlock2D(Checkpointable, nn.Module):
     """GroupNorm -> act -> conv3x3 (+ time embedding) -> GroupNorm -> act -> dropout -> conv3x3, plus a shortcut."""
 
@@ -157,7 +174,7 @@ class ResnetBlock2D(Checkpointable, nn.Module):
         out_channels = out_channels or in_channels
         self.norm1 = GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.time_emb_proj = nn.Linear(temb_channels, out_channels) if temb_channels else None
+        self.time_emb_proj = Linear(temb_channels, out_channels) if temb_channels else None
         self.norm2 = GroupNorm(groups, out_channels, eps=eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -172,7 +189,8 @@ class ResnetBlock2D(Checkpointable, nn.Module):
         h = self.conv2(self.dropout(norm_act(self.norm2, self.act, h)))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        return (x + h) / self.output_scale_factor
+        out = x + h
+        return out / _divisor(self.output_scale_factor, out)
 
 
 class Downsample2D(nn.Module):
@@ -224,10 +242,10 @@ class Attention(nn.Module):
         self.rescale_output_factor = rescale_output_factor
         self.group_norm = GroupNorm(norm_num_groups, query_dim, eps=eps) if norm_num_groups else None
         kv_dim = cross_attention_dim or query_dim
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(kv_dim, inner, bias=bias)
+        self.to_v = Linear(kv_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim, bias=out_bias), nn.Dropout(dropout)])
 
     def execute(self, hidden_states, encoder_hidden_states=None, attention_mask=None):
         residual = hidden_states
@@ -246,4 +264,4 @@ class Attention(nn.Module):
             out = out.transpose(0, 2, 1).reshape(b, c, h, w)
         if self.residual_connection:
             out = out + residual
-        return out / self.rescale_output_factor
+        return out / _divisor(self.rescale_output_factor, out)

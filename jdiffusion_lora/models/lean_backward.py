@@ -11,8 +11,11 @@ each backward formula reads. These `jt.Function`s do the same: their forward is 
     layer_norm(x)       x and one (mean, std) per row             (..., C)     +  (..., 1) x 2
     geglu(h)            h, the projection                         (..., 2I)
     lora_linear(x)      x and the rank-r activation h = x D^T     (..., Cin)   +  (..., r)
+    frozen_linear(x)    nothing (dx = dy W reads only the weight)
 
-then rebuild the rest in the backward. Used only where a gradient flows and the affine weights are frozen
+then rebuild the rest in the backward. frozen_linear matters more than it looks: a plain Jittor matmul keeps its
+input for the backward even when the weight needs no gradient (its broadcast marks the input as needed), so
+every frozen projection (proj_in/proj_out, the feed-forward's two layers, CLIP's MLP) kept its input alive. Used only where a gradient flows and the affine weights are frozen
 (LoRA training): the weight/bias get no gradient here. Pure Jittor ops, so the same code runs on CPU and GPU.
 
 Formulas (xhat = (x - mean) / std, y = xhat * w + b, reductions over each group / row of size K):
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 
 from .._runtime import jt
-from .attention import _constant
+from .attention import _block_matmul, _constant
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -165,9 +168,32 @@ class LoraLinear(jt.Function):
         dy = _constant(dout).reshape(-1, dout.shape[-1])                         # (N, Cout)
         dh = jt.nn.matmul(dy, up) * self.scale                                   # (N, r)
         dx = jt.nn.matmul(dy, _constant(self.weight)) + jt.nn.matmul(dh, down)   # (N, Cin)
-        d_up = jt.nn.matmul(dy.transpose(1, 0), h) * self.scale                 # (Cout, r)
-        d_down = jt.nn.matmul(dh.transpose(1, 0), x2)                            # (r, Cin)
+        d_up = _block_matmul(dy, h, transpose_a=True) * self.scale               # (Cout, r)
+        d_down = _block_matmul(dh, x2, transpose_a=True)                         # (r, Cin)
         return dx.reshape(shape), d_down, d_up
+
+
+class FrozenLinear(jt.Function):
+    """x W^T + b for a frozen W, b; saves nothing: dx = dy W."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+    def execute(self, x):
+        self.shape, self.dtype = x.shape, x.dtype
+        out = jt.nn.matmul_transpose(_constant(x).reshape(-1, x.shape[-1]), _constant(self.weight))   # (N, Cout)
+        if self.bias is not None:
+            out = out + _constant(self.bias)
+        return out.reshape(tuple(x.shape[:-1]) + (self.weight.shape[0],))
+
+    def grad(self, dout):
+        dy = _constant(dout).reshape(-1, dout.shape[-1])                         # (N, Cout)
+        return jt.nn.matmul(dy, _constant(self.weight)).reshape(self.shape).cast(self.dtype)
+
+
+def frozen_linear(x, weight, bias):
+    """x W^T + b for a frozen W, b with the lean backward (keeps nothing of x)."""
+    return FrozenLinear(weight, bias)(x)
 
 
 def lora_linear(x, weight, bias, down, up, scale: float):
@@ -194,5 +220,5 @@ def geglu(h):
     return Geglu()(h)
 
 
-__all__ = ["lean_backward_applies", "group_norm_act", "layer_norm", "geglu", "lora_linear", "GroupNormAct", "LayerNormFn",
-           "Geglu", "LoraLinear"]
+__all__ = ["lean_backward_applies", "group_norm_act", "layer_norm", "geglu", "lora_linear", "frozen_linear", "GroupNormAct",
+           "LayerNormFn", "Geglu", "LoraLinear", "FrozenLinear"]

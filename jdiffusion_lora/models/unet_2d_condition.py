@@ -20,7 +20,7 @@ import numpy as np
 
 from .._runtime import jt
 from .checkpointing import Checkpointable
-from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, ResnetBlock2D, TimestepEmbedding, Upsample2D,
+from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, TimestepEmbedding, Upsample2D,
                      activation, norm_act, timestep_embedding)
 from .lean_backward import geglu, lean_backward_applies
 from .modeling import ConfigError, ModelMixin
@@ -137,7 +137,7 @@ class GEGLU(nn.Module):
     """Gated GELU (Shazeer 2020): proj -> (value, gate) -> value * gelu(gate)."""
 
     def __init__(self, dim_in: int, dim_out: int):
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = Linear(dim_in, dim_out * 2)
         self.dim_out = dim_out
 
     def execute(self, x):
@@ -152,7 +152,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         inner = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim)])
+        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(dropout), Linear(inner, dim)])
 
     def execute(self, x):
         for layer in self.net:
@@ -192,8 +192,8 @@ class Transformer2DModel(nn.Module):
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(norm_num_groups, in_channels, eps=1e-6)
         if use_linear_projection:
-            self.proj_in = nn.Linear(in_channels, inner)
-            self.proj_out = nn.Linear(inner, in_channels)
+            self.proj_in = Linear(in_channels, inner)
+            self.proj_out = Linear(inner, in_channels)
         else:
             self.proj_in = nn.Conv2d(in_channels, inner, 1)
             self.proj_out = nn.Conv2d(inner, in_channels, 1)

@@ -78,13 +78,22 @@ def freeze_base(models: Sequence[object]) -> int:
     """stop_grad on every module parameter of `models` (the base weights; adapter tensors are not module
     parameters). Jittor keeps every computed Var that lies on a path from a Var that may need a gradient
     to a held Var, so unfrozen base weights would keep activations alive that no gradient needs, and
-    gradient checkpointing would differentiate them. Returns how many were frozen."""
+    gradient checkpointing would differentiate them. Returns how many were frozen.
+
+    Jittor's `Module.eval()` records each parameter's grad state the first time it runs and `train()` restores
+    it, so a model that was ever in eval mode before this call would get its base weights back as trainable
+    at the next `train()`. The record is updated too: frozen stays frozen through eval/train."""
     n = 0
     for model in models:
         for p in model.parameters():
             if not p.is_stop_grad():
                 p.stop_grad()
                 n += 1
+        for module in model.modules():
+            record = getattr(module, "backup_grad_state", None)
+            if record is not None:
+                for p in module.parameters():
+                    record[id(p)] = False
     return n
 
 
