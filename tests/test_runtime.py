@@ -102,3 +102,27 @@ def test_commands_print_the_device_first(tmp_path, capsys):
     from jdiffusion_lora.cli import main
     assert main(["txt2img", "--steps", "1", "--num-images", "1", "--out", str(tmp_path)]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith("device: CPU, ")
+
+
+def test_training_keeps_freed_memory_instead_of_faulting_it_in_again():
+    """After keep_freed_memory, a large buffer freed and allocated again reuses the same pages (no page faults):
+    what oneDNN's per-convolution weight buffers need. JDIFFUSION_MALLOC=system leaves glibc alone."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc only")
+    assert _runtime.keep_freed_memory({"JDIFFUSION_MALLOC": "system"}) is False
+    code = ("import ctypes, resource, sys\n"
+            "from jdiffusion_lora import _runtime\n"
+            "if sys.argv[1] == 'keep': assert _runtime.keep_freed_memory({})\n"
+            "libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+            "n = 64 << 20\n"
+            "def touch():\n"
+            "    p = libc.malloc(n); ctypes.memset(p, 1, n); libc.free(p)\n"
+            "touch()\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "touch()\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    faults = {mode: int(subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True,
+                                       check=True).stdout.split()[-1]) for mode in ("keep", "system")}
+    pages = (64 << 20) // 4096
+    assert faults["system"] >= pages // 2          # glibc maps a 64 MB buffer afresh: every page faults again
+    assert faults["keep"] < pages // 20            # kept: the second buffer is the first one's pages

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .._runtime import DEVICE, jt
+from .._runtime import DEVICE, jt, keep_freed_memory
 from ..pipelines import load_pipeline
 from ..weights import atomic_write_bytes, remove_stale_temp_files
 from . import adapters as ad
@@ -150,6 +150,7 @@ class Trainer:
         self.vae.eval()
         if c.cache_latents != "none":
             self.batches.precache()
+        keep_freed_memory()   # from here on: no page faults for oneDNN's per-call buffers (see _runtime)
         self.ready = True
 
     def run(self, until: Optional[int] = None, callback: Optional[Callable[[int, Dict[str, float]], None]] = None
