@@ -35,9 +35,11 @@ nn = jt.nn
 PATHS = ("loop", "batched", "memory_efficient", "fused")
 # Saved scores (bytes, float32, all samples and heads) above which training uses the memory-efficient path.
 # The plain paths keep about four N x M buffers per head for the backward (scores, exponentials and their
-# slices), so even SD's cross-attention (4096 x 77 per head) and 1024-token self-attention add up to GBs,
-# and CLIP's 77-token self-attention (12-16 heads, 23 layers) some 100 MB.
-SAVED_SCORES_LIMIT = 2 ** 18
+# slices), so even SD's cross-attention (4096 x 77 per head) and 1024-token self-attention add up to GBs.
+# CLIP's 77-token self-attention stays below (about 100 MB over 23 layers): on the memory-efficient path its
+# blocks' extra graph nodes took a checkpointed SD 2.1 step past Jittor's 100,000 live ops, above which
+# Jittor syncs whenever a Var is created, and a sync while jt.grad builds the backward runs it half-built.
+SAVED_SCORES_LIMIT = 2 ** 20
 # One block's scores (bytes) from which the memory-efficient forward computes each block before building the
 # next (smaller blocks cannot add up to much, and a sync per block would cost more than it saves).
 SYNC_BLOCK_BYTES = 2 ** 20
