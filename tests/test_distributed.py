@@ -294,11 +294,14 @@ def test_killed_two_rank_run_resumes_with_two_or_one_rank(two_runs, tmp_path):
     out = tmp_path / "killed"
     state = out / "checkpoints" / "checkpoint-000002" / "training_state" / "state.json"
     # The kill runs in bash: Jittor's SIGCHLD handler ends this pytest process when a child of it is SIGKILLed.
-    kill = (f"setsid {shlex.join(mpi_command(2, *train_command(out)))} >/dev/null 2>&1 & pid=$!\n"
+    log = tmp_path / "killed.log"     # what the killed run printed, shown if it ended before its checkpoint
+    kill = (f"setsid {shlex.join(mpi_command(2, *train_command(out)))} >{shlex.quote(str(log))} 2>&1 & pid=$!\n"
             f"while [ ! -f {shlex.quote(str(state))} ] && kill -0 $pid 2>/dev/null; do sleep 0.05; done\n"
             f"kill -KILL -- -$pid; wait $pid; true")
     subprocess.run(["bash", "-c", kill], env=mpi_env(), cwd=REPO, timeout=900)
-    assert state.exists() and not (out / "pytorch_lora_weights.safetensors").exists()   # killed mid-way
+    printed = log.read_text(errors="replace")[-3000:] if log.exists() else "(no output)"
+    assert state.exists(), f"the 2-rank run ended before its step-2 checkpoint:\n{printed}"
+    assert not (out / "pytorch_lora_weights.safetensors").exists()                     # killed mid-way
     shutil.copytree(out, tmp_path / "killed_copy")
     r = mpirun(2, *train_command(out, "--resume", "latest"), timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
