@@ -191,7 +191,7 @@ def keep_freed_memory(environ=os.environ) -> bool:
     reordered weights of every convolution it runs (forward and input gradient) and glibc maps buffers above
     32 MB fresh each time, so every page was faulted in again on every call: 1.4 million page faults (5.6 GB)
     per SD 2.1 training step at 512 px, 1.5 s of its 20 s; none with this. The cost: memory once freed stays
-    with the process (the step's peak rose 0.4 GB), which is why generation, whose `--low-memory` mode frees
+    with the process (the step's peak rose about 0.3 GB), which is why generation, whose `--low-memory` mode frees
     each model for the next, keeps glibc's defaults. `JDIFFUSION_MALLOC=system` opts out. Returns whether the
     setting was applied."""
     if environ.get("JDIFFUSION_MALLOC", "").lower() == "system":

@@ -15,8 +15,9 @@ each backward formula reads. These `jt.Function`s do the same: their forward is 
 
 then rebuild the rest in the backward. frozen_linear matters more than it looks: a plain Jittor matmul keeps its
 input for the backward even when the weight needs no gradient (its broadcast marks the input as needed), so
-every frozen projection (proj_in/proj_out, the feed-forward's two layers, CLIP's MLP) kept its input alive. Used only where a gradient flows and the affine weights are frozen
-(LoRA training): the weight/bias get no gradient here. Pure Jittor ops, so the same code runs on CPU and GPU.
+every frozen projection (proj_in/proj_out, the feed-forward's two layers, CLIP's MLP) kept its input alive.
+Used only where a gradient flows and the affine weights are frozen (LoRA training): the weight/bias get no
+gradient here. Pure Jittor ops, so the same code runs on CPU and GPU.
 
 Formulas (xhat = (x - mean) / std, y = xhat * w + b, reductions over each group / row of size K):
     dxhat = dy * w,   dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / std
@@ -143,52 +144,58 @@ class Geglu(jt.Function):
         return jt.concat([da, dg], dim=-1).cast(h.dtype)
 
 
-class LoraLinear(jt.Function):
-    """A frozen Linear (weight W, bias b) plus one low-rank adapter (down D (r, Cin), up U (Cout, r), scale s).
-    Plain ops keep several copies of x per layer (10 input-sized tensors per layer, measured); this saves x and h."""
-
-    def __init__(self, weight, bias, scale: float):
-        self.weight, self.bias, self.scale = weight, bias, scale
-
-    def execute(self, x, down, up):
-        shape = x.shape
-        x2 = _constant(x).reshape(-1, shape[-1])                                 # (N, Cin)
-        down, up, w = _constant(down), _constant(up), _constant(self.weight)
-        out = jt.nn.matmul_transpose(x2, w)                                      # (N, Cout)
-        if self.bias is not None:
-            out = out + _constant(self.bias)
-        h = jt.nn.matmul_transpose(x2, down)                                     # (N, r)
-        out = out + jt.nn.matmul_transpose(h, up) * self.scale
-        self.saved = (x2, h, down, up, shape)
-        return out.reshape(tuple(shape[:-1]) + (w.shape[0],))
-
-    def grad(self, dout):
-        x2, h, down, up, shape = self.saved
-        self.saved = None
-        dy = _constant(dout).reshape(-1, dout.shape[-1])                         # (N, Cout)
-        dh = jt.nn.matmul(dy, up) * self.scale                                   # (N, r)
-        dx = jt.nn.matmul(dy, _constant(self.weight)) + jt.nn.matmul(dh, down)   # (N, Cin)
-        d_up = _block_matmul(dy, h, transpose_a=True) * self.scale               # (Cout, r)
-        d_down = _block_matmul(dh, x2, transpose_a=True)                         # (r, Cin)
-        return dx.reshape(shape), d_down, d_up
-
-
 class FrozenLinear(jt.Function):
     """x W^T + b for a frozen W, b; saves nothing: dx = dy W."""
 
     def __init__(self, weight, bias):
         self.weight, self.bias = weight, bias
 
+    def _product(self, x2):
+        """(N, Cin) -> x W^T + b, (N, Cout)."""
+        out = jt.nn.matmul_transpose(x2, _constant(self.weight))
+        return out if self.bias is None else out + _constant(self.bias)
+
+    def _product_grad(self, dy):
+        """(N, Cout) -> dy W, (N, Cin)."""
+        return jt.nn.matmul(dy, _constant(self.weight))
+
     def execute(self, x):
         self.shape, self.dtype = x.shape, x.dtype
-        out = jt.nn.matmul_transpose(_constant(x).reshape(-1, x.shape[-1]), _constant(self.weight))   # (N, Cout)
-        if self.bias is not None:
-            out = out + _constant(self.bias)
+        out = self._product(_constant(x).reshape(-1, x.shape[-1]))              # (N, Cout)
         return out.reshape(tuple(x.shape[:-1]) + (self.weight.shape[0],))
 
     def grad(self, dout):
         dy = _constant(dout).reshape(-1, dout.shape[-1])                         # (N, Cout)
-        return jt.nn.matmul(dy, _constant(self.weight)).reshape(self.shape).cast(self.dtype)
+        return self._product_grad(dy).reshape(self.shape).cast(self.dtype)
+
+
+class LoraLinear(FrozenLinear):
+    """A frozen Linear (weight W, bias b) plus one low-rank adapter (down D (r, Cin), up U (Cout, r), scale s).
+    Plain ops keep several copies of x per layer (10 input-sized tensors per layer, measured); this saves x and h."""
+
+    def __init__(self, weight, bias, scale: float):
+        super().__init__(weight, bias)
+        self.scale = scale
+
+    def execute(self, x, down, up):
+        shape = x.shape
+        x2 = _constant(x).reshape(-1, shape[-1])                                 # (N, Cin)
+        down, up = _constant(down), _constant(up)
+        out = self._product(x2)                                                  # (N, Cout)
+        h = jt.nn.matmul_transpose(x2, down)                                     # (N, r)
+        out = out + jt.nn.matmul_transpose(h, up) * self.scale
+        self.saved = (x2, h, down, up, shape)
+        return out.reshape(tuple(shape[:-1]) + (self.weight.shape[0],))
+
+    def grad(self, dout):
+        x2, h, down, up, shape = self.saved
+        self.saved = None
+        dy = _constant(dout).reshape(-1, dout.shape[-1])                         # (N, Cout)
+        dh = jt.nn.matmul(dy, up) * self.scale                                   # (N, r)
+        dx = self._product_grad(dy) + jt.nn.matmul(dh, down)                     # (N, Cin)
+        d_up = _block_matmul(dy, h, transpose_a=True) * self.scale               # (Cout, r)
+        d_down = _block_matmul(dh, x2, transpose_a=True)                         # (r, Cin)
+        return dx.reshape(shape), d_down, d_up
 
 
 def frozen_linear(x, weight, bias):
@@ -220,5 +227,5 @@ def geglu(h):
     return Geglu()(h)
 
 
-__all__ = ["lean_backward_applies", "group_norm_act", "layer_norm", "geglu", "lora_linear", "frozen_linear", "GroupNormAct",
-           "LayerNormFn", "Geglu", "LoraLinear", "FrozenLinear"]
+__all__ = ["lean_backward_applies", "group_norm_act", "layer_norm", "geglu", "lora_linear", "frozen_linear",
+           "GroupNormAct", "LayerNormFn", "Geglu", "LoraLinear", "FrozenLinear"]
