@@ -28,6 +28,7 @@ import os
 from typing import Optional
 
 from .._runtime import jt
+from .attention_kernels import FUSED_MAX_HEAD_DIM, fused_forward, row_softmax, softmax_backward
 from .checkpointing import rebuilding
 
 nn = jt.nn
@@ -46,7 +47,9 @@ SYNC_BLOCK_BYTES = 2 ** 20
 # The memory-efficient path's query blocks: the backward holds about four N x M float32 buffers per block, so
 # (n, M) blocks are capped near this size (4096 x 4096 tokens: 3 blocks of 1365 queries, not one of 4096).
 MEMORY_EFFICIENT_BLOCK_BYTES = 64 * 2 ** 20
-FUSED_MAX_HEAD_DIM = 128
+# On CPU, the softmax rows of blocks whose scores need no autograd graph (the memory-efficient path, and
+# inference) go through the OpenMP row kernels of attention_kernels.py. False: Jittor's ops (the GPU's way).
+ROW_KERNELS = True
 
 
 # --------------------------------------------------------------------------- memory budget
@@ -181,6 +184,10 @@ def _reduce_rows(x, op: str):
     return x.max(dim=-1, keepdims=True) if op == "max" else x.sum(dim=-1, keepdims=True)
 
 
+def _row_kernels() -> bool:
+    return ROW_KERNELS and not jt.flags.use_cuda
+
+
 def _mask_rows(mask, i: int, h: int, rows: slice):
     """The (rows, M) block of a (B|1, H|1, N|1, M) mask for sample i, head h."""
     blk = mask[min(i, mask.shape[0] - 1), min(h, mask.shape[1] - 1)]         # (N|1, M)
@@ -195,6 +202,7 @@ def _loop(q, k, v, heads, mask, dropout, chunk):
     # Inference on large blocks: compute each block before building the next, or Jittor's lazy graph
     # holds every (sample, head) block's scores at once. (Training graphs keep them anyway.)
     eager = not _needs_grad(q, k, v) and size * m >= 2 ** 20
+    kernels = _row_kernels() and not _needs_grad(q, k, v) and dropout == 0
     samples = []
     for i in range(b):
         outs = []
@@ -208,11 +216,15 @@ def _loop(q, k, v, heads, mask, dropout, chunk):
                     scores = scores.float32()
                 if mask is not None:
                     scores = scores + _mask_rows(mask, i, h, slice(s, e))
-                # softmax is shift-invariant: the row max needs no gradient. stop_fuse keeps exp()
-                # out of the row-sum kernel (fused, that kernel is 2x slower than both apart).
-                ex = (scores - _reduce_rows(scores, "max").stop_grad()).exp().stop_fuse()   # (n, M)
-                used = nn.dropout(ex, dropout, is_train=True) if dropout > 0 else ex
-                parts.append(nn.matmul(used.cast(v.dtype), vh) / _reduce_rows(ex, "sum").cast(v.dtype))
+                if kernels:
+                    ex, total, _ = row_softmax(scores)                                # (n, M), (n, 1)
+                    parts.append(nn.matmul(ex.cast(v.dtype), vh) / total.cast(v.dtype))
+                else:
+                    # softmax is shift-invariant: the row max needs no gradient. stop_fuse keeps exp()
+                    # out of the row-sum kernel (fused, that kernel is 2x slower than both apart).
+                    ex = (scores - _reduce_rows(scores, "max").stop_grad()).exp().stop_fuse()   # (n, M)
+                    used = nn.dropout(ex, dropout, is_train=True) if dropout > 0 else ex
+                    parts.append(nn.matmul(used.cast(v.dtype), vh) / _reduce_rows(ex, "sum").cast(v.dtype))
                 if eager:   # one block's scores at a time (see MemoryEfficientAttention)
                     parts[-1].sync()
             outs.append(parts[0] if len(parts) == 1 else jt.concat(parts, dim=0))   # (N, D)
@@ -325,9 +337,12 @@ class MemoryEfficientAttention(jt.Function):
             outs = []
             for s, e in chunks:
                 scores = self._scores(q, k, i, h, cols, s, e, mask, after)
-                mx = _reduce_rows(scores, "max")                                  # (n, 1)
-                ex = (scores - mx).exp().stop_fuse()
-                total = _reduce_rows(ex, "sum")
+                if _row_kernels():
+                    ex, total, mx = row_softmax(scores)                           # (n, M), (n, 1), (n, 1)
+                else:
+                    mx = _reduce_rows(scores, "max")                              # (n, 1)
+                    ex = (scores - mx).exp().stop_fuse()
+                    total = _reduce_rows(ex, "sum")
                 outs.append(_block_matmul(ex, vh) / total)                        # (n, D)
                 lses.append(mx + total.log())                                     # (n, 1)
                 if rebuilding():   # the backward graph is being built: order the blocks instead (see `grad`)
@@ -363,12 +378,16 @@ class MemoryEfficientAttention(jt.Function):
             kh, vh = k[i, :, cols].float32(), v[i, :, cols].float32()            # (M, D)
             dq_parts, dk, dv = [], None, None
             for s, e in chunks:
-                p = (self._scores(q, k, i, h, cols, s, e, mask, after) - next(lse_iter)).exp()   # (n, M)
+                scores = self._scores(q, k, i, h, cols, s, e, mask, after)       # (n, M)
                 do = dout[i, s:e, cols]                                           # (n, D)
-                dv_c = _block_matmul(p, do, transpose_a=True)                      # (M, D)
                 dp = _block_matmul(do, vh, True)                                  # (n, M)
                 row = (do * out[i, s:e, cols]).sum(dim=1, keepdims=True)          # (n, 1)
-                ds = p * (dp - row)                                               # (n, M)
+                if _row_kernels():
+                    p, ds = softmax_backward(scores, next(lse_iter), dp, row)
+                else:
+                    p = (scores - next(lse_iter)).exp()                          # (n, M)
+                    ds = p * (dp - row)                                           # (n, M)
+                dv_c = _block_matmul(p, do, transpose_a=True)                      # (M, D)
                 dq_parts.append(_block_matmul(ds, kh) * scale)                    # (n, D)
                 dk_c = _block_matmul(ds, q[i, s:e, cols].float32(), transpose_a=True) * scale   # (M, D)
                 dk = dk_c if dk is None else dk + dk_c
@@ -390,91 +409,6 @@ def _zero_after(*xs):
     for x in xs[1:]:
         first = first + x.reshape(-1)[0:1]
     return jt.ternary(first == first, jt.zeros((1,), dtype="float32"), jt.zeros((1,), dtype="float32")).stop_grad()
-
-
-# --------------------------------------------------------------------------- fused kernel
-
-# One query row per thread: q . k_j for every key, online softmax (running max and sum, the accumulator
-# rescaled when the max grows), then out = acc / sum and lse = max + log(sum). The row routine is shared by
-# the CUDA kernel (a thread per row) and a CPU loop (the same math, so tests check it without a GPU).
-_FUSED_HEADER = r"""
-#include <cmath>
-#ifdef __CUDACC__
-#define JDL_HD __device__ __forceinline__
-#else
-#define JDL_HD inline
-#endif
-#define JDL_D @D@
-JDL_HD void jdl_attention_row(const float* qr, const float* kb, const float* vb, float* orow, float* lse,
-                              int m, float scale) {
-    float qs[JDL_D], acc[JDL_D];
-    for (int c = 0; c < JDL_D; c++) { qs[c] = qr[c] * scale; acc[c] = 0.f; }
-    float mx = -1e30f, total = 0.f;
-    for (int j = 0; j < m; j++) {
-        const float* kj = kb + (size_t)j * JDL_D;
-        const float* vj = vb + (size_t)j * JDL_D;
-        float s = 0.f;
-        for (int c = 0; c < JDL_D; c++) s += qs[c] * kj[c];
-        float mn = s > mx ? s : mx;
-        float shrink = expf(mx - mn);
-        float p = expf(s - mn);
-        total = total * shrink + p;
-        for (int c = 0; c < JDL_D; c++) acc[c] = acc[c] * shrink + p * vj[c];
-        mx = mn;
-    }
-    for (int c = 0; c < JDL_D; c++) orow[c] = acc[c] / total;
-    *lse = mx + logf(total);
-}
-"""
-
-_FUSED_CUDA = r"""
-#ifdef __CUDACC__
-__global__ void jdl_attention_fwd_@D@(const float* q, const float* k, const float* v, float* o, float* lse,
-                                     int n, int m, float scale) {
-    int bh = blockIdx.y;
-    int row = blockIdx.x * blockDim.x + threadIdx.x;
-    if (row >= n) return;
-    size_t r = (size_t)bh * n + row;
-    jdl_attention_row(q + r * JDL_D, k + (size_t)bh * m * JDL_D, v + (size_t)bh * m * JDL_D,
-                      o + r * JDL_D, lse + r, m, scale);
-}
-#endif
-"""
-
-_FUSED_CUDA_SRC = r"""
-    int bh = in0_shape0, n = in0_shape1, m = in1_shape1;
-    dim3 grid((n + 127) / 128, bh);
-    jdl_attention_fwd_@D@<<<grid, 128>>>(in0_p, in1_p, in2_p, out0_p, out1_p, n, m, @SCALE@f);
-"""
-
-_FUSED_CPU_SRC = r"""
-    int bh = in0_shape0, n = in0_shape1, m = in1_shape1;
-    for (int g = 0; g < bh; g++)
-        for (int row = 0; row < n; row++) {
-            size_t r = (size_t)g * n + row;
-            jdl_attention_row(in0_p + r * JDL_D, in1_p + (size_t)g * m * JDL_D, in2_p + (size_t)g * m * JDL_D,
-                              out0_p + r * JDL_D, out1_p + r, m, @SCALE@f);
-        }
-"""
-
-
-def fused_forward(qh, kh, vh):
-    """The fused kernel on (G, N, D) / (G, M, D) float32 heads -> (out (G, N, D), lse (G, N))."""
-    g, n, d = qh.shape
-    if d > FUSED_MAX_HEAD_DIM:
-        raise ValueError(f"the fused attention kernel handles head sizes up to {FUSED_MAX_HEAD_DIM}, got {d}")
-    fill = {"@D@": str(d), "@SCALE@": repr(float(d ** -0.5))}
-
-    def sub(src):
-        for key, value in fill.items():
-            src = src.replace(key, value)
-        return src
-
-    header = sub(_FUSED_HEADER)
-    out, lse = jt.code([(g, n, d), (g, n)], ["float32", "float32"], [qh, kh, vh],
-                       cpu_header=header, cpu_src=sub(_FUSED_CPU_SRC),
-                       cuda_header=header + sub(_FUSED_CUDA), cuda_src=sub(_FUSED_CUDA_SRC))
-    return out, lse
 
 
 class FusedAttention(MemoryEfficientAttention):
