@@ -214,6 +214,28 @@ if DEVICE == "cuda":
     jt.flags.use_cuda = 1
 
 
+def release_between(x):
+    """Inference on growing activations (the VAE decoder: 64 -> 512 px): compute `x` now and give Jittor's
+    cached free blocks back, so the next, larger stage does not pile its buffers on top of the cached buffers
+    of the smaller ones (Jittor's allocator keeps freed blocks by size for reuse; a stage with larger tensors
+    cannot reuse them). SD 2.1 VAE decode at 512 px: peak +1.78 -> +1.33 GB. A no-op while gradients flow
+    (a sync then would run the graph the backward still needs). Returns x."""
+    if not jt.flags.no_grad:
+        return x
+    x.sync()
+    jt.gc()
+    _malloc_trim()
+    return x
+
+
+def _malloc_trim() -> None:
+    """glibc: return the free pages inside the heap to the system too, not only its top (no-op elsewhere)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def cpu_threads() -> int:
     """Threads Jittor's CPU kernels use (OpenMP: OMP_NUM_THREADS, else the CPUs this process may run on)."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():

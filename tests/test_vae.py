@@ -103,6 +103,24 @@ def test_logvar_is_clamped():
 
 
 @pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
+def test_inference_decode_releases_memory_between_stages_with_the_same_numbers(pair, monkeypatch):
+    """Without gradients the decoder computes stage by stage and gives cached memory back after each (mid
+    block, every up-block resnet and upsampler); with gradients it never syncs. The numbers are the same."""
+    _, ours, overrides = pair
+    z = jt.array(images((1, 4, overrides["sample_size"] // 2, overrides["sample_size"] // 2), seed=4))
+    calls = []
+    real_gc = jt.gc
+    monkeypatch.setattr(jt, "gc", lambda: (calls.append(1), real_gc()))
+    with_grad = ours.decode(z).sample.numpy()
+    assert calls == []
+    with jt.no_grad():
+        inference = ours.decode(z).sample.numpy()
+    up = ours.decoder.up_blocks
+    assert len(calls) == 1 + sum(len(b.resnets) + (b.upsamplers is not None) for b in up)
+    assert np.array_equal(inference, with_grad)
+
+
+@pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_slicing_matches_batched(pair):
     _, ours, overrides = pair
     size = overrides["sample_size"]

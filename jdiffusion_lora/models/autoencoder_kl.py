@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-from .._runtime import jt
+from .._runtime import jt, release_between
 from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 from .modeling import ConfigError, ModelMixin
 
@@ -152,9 +152,9 @@ class UpDecoderBlock2D(nn.Module):
 
     def execute(self, x):
         for resnet in self.resnets:
-            x = resnet(x)
+            x = release_between(resnet(x))
         if self.upsamplers is not None:
-            x = self.upsamplers[0](x)                                  # (B, C, 2H, 2W)
+            x = release_between(self.upsamplers[0](x))                 # (B, C, 2H, 2W)
         return x
 
 
@@ -226,7 +226,7 @@ class Decoder(nn.Module):
 
     def execute(self, z):
         x = self.conv_in(z)                                            # (B, ch[-1], h, w)
-        x = self.mid_block(x)
+        x = release_between(self.mid_block(x))
         for block in self.up_blocks:
             x = block(x)                                               # doubles H, W except the last
         x = nn.silu(self.conv_norm_out(x))
