@@ -230,3 +230,26 @@ def test_unsupported_config_is_rejected():
                                    "up_block_types": ["UpDecoderBlock2D"], "block_out_channels": [32]})
     with pytest.raises(ConfigError, match="same length"):
         AutoencoderKLConfig(down_block_types=("DownEncoderBlock2D",) * 2, block_out_channels=(32,))
+
+
+@pytest.mark.parametrize("kernel, padding, rows", [(3, 1, 37), (1, 0, 20), (3, 1, 5)])
+def test_banded_inference_convolution_matches_the_whole_one(kernel, padding, rows, monkeypatch):
+    """Large inference convolutions run in bands of rows with their halo (zero rows at the image edges only):
+    the same output as one convolution over the whole input, against torch's conv2d too. With gradients, or
+    strided, a convolution is never banded."""
+    from jdiffusion_lora.models import layers
+
+    conv = layers.Conv2d(3, 5, kernel, padding=padding)
+    x = np.random.default_rng(0).standard_normal((2, 3, rows, 11)).astype(np.float32)
+    expected = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(conv.weight.numpy()),
+                                          torch.from_numpy(conv.bias.numpy()), padding=padding).numpy()
+    whole = conv(jt.array(x)).numpy()
+    monkeypatch.setattr(layers, "CONV_BAND_FROM", 0)
+    monkeypatch.setattr(layers, "CONV_BAND_BYTES", 2 * 3 * 11 * 4 * 2)              # two rows per band
+    with jt.no_grad():
+        assert conv._bands(jt.array(x)) == (rows + 1) // 2
+        banded = conv(jt.array(x)).numpy()
+    assert max_abs_diff(banded, expected) <= 1e-5
+    assert max_abs_diff(banded, whole) <= 1e-6
+    strided = layers.Conv2d(3, 5, 3, stride=2, padding=1)
+    assert strided._bands(jt.array(x)) == 1

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from .._runtime import jt, release_between
-from .layers import Attention, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
+from .layers import Attention, Conv2d, Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D
 from .modeling import ConfigError, ModelMixin
 
 nn = jt.nn
@@ -187,7 +187,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderKLConfig):
         ch = cfg.block_out_channels
         groups = cfg.norm_num_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, padding=1)
         blocks, prev = [], ch[0]
         for i, out in enumerate(ch):
             blocks.append(DownEncoderBlock2D(prev, out, cfg.layers_per_block, groups, cfg.act_fn,
@@ -222,7 +222,7 @@ class Decoder(nn.Module):
             prev = out
         self.up_blocks = nn.ModuleList(blocks)
         self.conv_norm_out = GroupNorm(groups, ch[-1], eps=RESNET_EPS)
-        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def execute(self, z):
         x = self.conv_in(z)                                            # (B, ch[-1], h, w)
