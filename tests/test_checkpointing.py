@@ -143,3 +143,16 @@ def test_no_checkpointing_without_gradients():
         out = unet(x, 5.0, jt.zeros((1, 5, 16))).sample
     assert tuple(out.shape) == (1, 4, 8, 8)
     assert checkpointing.set_gradient_checkpointing(unet, False) == 12 and not unet.is_gradient_checkpointing
+
+
+@pytest.mark.slow
+def test_backward_near_jittors_live_op_limit_stops_with_a_clear_error(monkeypatch):
+    """Past 100,000 live ops Jittor syncs every new tensor, which during a checkpointed backward runs the
+    half-built backward graph (a segfault at SD 2.1 / 512 px / batch 2). Near the limit the backward stops with
+    LiveOpLimitError saying what to change instead; below it, nothing changes. The limit is lowered here so a
+    small model reaches it."""
+    unet = lora_unet()
+    assert len(gradients(unet, checkpointed=True)) > 2                      # far below the real limit: runs
+    monkeypatch.setattr(checkpointing, "JITTOR_LIVE_OP_LIMIT", jt.number_of_lived_ops() + 50)
+    with pytest.raises(checkpointing.LiveOpLimitError, match="smaller batch"):
+        gradients(unet, checkpointed=True)

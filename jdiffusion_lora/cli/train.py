@@ -38,6 +38,7 @@ def run(args) -> int:
         from ..train.dry_run import dry_run
         return dry_run(config)
 
+    from ..models.checkpointing import LiveOpLimitError
     from ..train import distributed as dist
     from ..train.checkpoint import CheckpointError
     from ..train.objective import NonFiniteLoss
@@ -47,7 +48,7 @@ def run(args) -> int:
     except NonFiniteLoss as e:  # every rank learns of it in the same all-reduce and stops alike
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except CheckpointError as e:
+    except (CheckpointError, LiveOpLimitError) as e:
         return fail(str(e), 2)
     except OSError as e:
         if isinstance(e, FileNotFoundError):

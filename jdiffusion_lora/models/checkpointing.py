@@ -114,6 +114,12 @@ class _RandomTape:
 # ------------------------------------------------------------------------------ the function
 
 _REBUILDING = [0]
+# Jittor syncs every Var it creates once this many ops are alive (var_holder.cc, add_hold_vars; not a flag).
+JITTOR_LIVE_OP_LIMIT = 100_000
+
+
+class LiveOpLimitError(RuntimeError):
+    """A checkpointed backward would cross Jittor's live-op limit (see `_Checkpoint.grad`)."""
 
 
 def rebuilding() -> bool:
@@ -138,14 +144,27 @@ class _Checkpoint(jt.Function):
         # detached copies: the saved inputs do not hold the graph that produced them
         self.saved = [a.detach() if isinstance(a, jt.Var) else a for a in inputs]
         self.needs = [isinstance(a, jt.Var) and not a.is_stop_grad() and a.dtype.is_float() for a in inputs]
+        before = jt.number_of_lived_ops()
         with jt.no_grad(), self.tape.recording():
             out = self.fn(*self.saved)
+        self.block_ops = max(0, jt.number_of_lived_ops() - before)    # the block's graph, built lazily
         if not isinstance(out, jt.Var):
             raise TypeError("gradient checkpointing: the block must return one Var")
         self.out_dtype = out.dtype
         return out
 
     def grad(self, dout):
+        # Rebuilding creates Vars while jt.grad is still building the backward graph. Past Jittor's live-op
+        # limit each new Var is synced at once, which runs the half-built backward: a segfault (seen at SD 2.1,
+        # 512 px, batch 2, with checkpointing). Stop with a clear error before that instead. The rebuild needs
+        # about as many ops as the block's forward (counted in `execute`); twice that is the margin.
+        live = jt.number_of_lived_ops()
+        if live + 2 * self.block_ops + 1000 >= JITTOR_LIVE_OP_LIMIT:
+            raise LiveOpLimitError(
+                f"gradient checkpointing: the backward graph holds {live:,} ops and rebuilding a block adds about "
+                f"{self.block_ops:,}; Jittor syncs every new tensor past {JITTOR_LIVE_OP_LIMIT:,} live ops, which "
+                "breaks a backward pass under construction. Use a smaller batch (with gradient accumulation for "
+                "the same effective batch), a smaller resolution, or turn gradient checkpointing off.")
         xs = []
         for a, need in zip(self.saved, self.needs):
             if need:
@@ -179,4 +198,4 @@ def checkpoint(fn, trainables: Optional[List["jt.Var"]], *inputs):
     return func(*inputs, *trainables)
 
 
-__all__ = ["Checkpointable", "checkpoint", "rebuilding", "set_gradient_checkpointing", "trainable_vars"]
+__all__ = ["Checkpointable", "LiveOpLimitError", "checkpoint", "rebuilding", "set_gradient_checkpointing", "trainable_vars"]
