@@ -218,7 +218,7 @@ def release_between(x):
     """Inference on growing activations (the VAE decoder: 64 -> 512 px): compute `x` now and give Jittor's
     cached free blocks back, so the next, larger stage does not pile its buffers on top of the cached buffers
     of the smaller ones (Jittor's allocator keeps freed blocks by size for reuse; a stage with larger tensors
-    cannot reuse them). SD 2.1 VAE decode at 512 px: peak +1.78 -> +1.33 GB. A no-op while gradients flow
+    cannot reuse them). SD 2.1 VAE decode at 512 px: peak +1.78 -> +1.41 GB. A no-op while gradients flow
     (a sync then would run the graph the backward still needs). Returns x."""
     if not jt.flags.no_grad:
         return x

@@ -253,3 +253,5 @@ def test_banded_inference_convolution_matches_the_whole_one(kernel, padding, row
     assert max_abs_diff(banded, whole) <= 1e-6
     strided = layers.Conv2d(3, 5, 3, stride=2, padding=1)
     assert strided._bands(jt.array(x)) == 1
+    monkeypatch.setattr(layers.Conv2d, "_banded", lambda *a: pytest.fail("banded while gradients flow"))
+    assert max_abs_diff(conv(jt.array(x)).numpy(), whole) == 0

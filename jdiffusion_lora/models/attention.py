@@ -201,8 +201,9 @@ def _loop(q, k, v, heads, mask, dropout, chunk):
     size = chunk or query_chunk_size(n, m)
     # Inference on large blocks: compute each block before building the next, or Jittor's lazy graph
     # holds every (sample, head) block's scores at once. (Training graphs keep them anyway.)
-    eager = not _needs_grad(q, k, v) and size * m >= 2 ** 20
-    kernels = _row_kernels() and not _needs_grad(q, k, v) and dropout == 0
+    grad = _needs_grad(q, k, v)
+    eager = not grad and size * m >= 2 ** 20
+    kernels = _row_kernels() and not grad and dropout == 0
     samples = []
     for i in range(b):
         outs = []
