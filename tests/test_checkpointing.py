@@ -114,11 +114,13 @@ def test_rebuild_never_syncs_and_the_memory_efficient_attention_matches(monkeypa
 def test_recompute_replays_the_dropout_masks(monkeypatch):
     """Dropout masks come from a deterministic source that changes with every draw: the checkpointed
     gradients equal the plain ones only if the recomputation reuses the forward's masks."""
-    # Both runs take the plain ops: the lean-backward functions (models/lean_backward) round differently from
-    # them (1.8e-6 of this model's gradient norm), which would hide what this test measures: the masks.
-    from jdiffusion_lora.models import layers, unet_2d_condition
+    # Both runs take the plain ops: the lean-backward functions (models/lean_backward) and the CPU kernels that
+    # serve the no-gradient first pass (models/layer_kernels) round differently from them (1.8e-6 of this
+    # model's gradient norm), which would hide what this test measures: the masks.
+    from jdiffusion_lora.models import layer_kernels, layers, unet_2d_condition
     for module in (layers, unet_2d_condition):
         monkeypatch.setattr(module, "lean_backward_applies", lambda *a, **k: False)
+    monkeypatch.setattr(layer_kernels, "ENABLED", False)
     unet = lora_unet(input_dropout=0.3, rank_dropout=0.2)
     draws = []
 

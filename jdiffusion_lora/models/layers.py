@@ -12,6 +12,7 @@ import numpy as np
 from .._runtime import jt
 from ..configuration import ConfigError
 from .attention import attention
+from . import layer_kernels
 from .checkpointing import Checkpointable
 from .lean_backward import frozen_linear, group_norm_act, layer_norm, lean_backward_applies
 
@@ -143,6 +144,8 @@ class GroupNorm(nn.Module):
     def execute(self, x):
         if lean_backward_applies(x, *self._affine()):       # training a LoRA: save x, not the centred copy
             return group_norm_act(self, x)
+        if layer_kernels.applies_without_grad(x, *self._affine()):
+            return self._kernel(x)
         dtype = x.dtype
         n = x.shape[0]
         h = x.float32().reshape(n, self.num_groups, -1)                  # (B, G, C/G * spatial)
@@ -157,11 +160,21 @@ class GroupNorm(nn.Module):
     def _affine(self):
         return (self.weight, self.bias) if self.affine else ()
 
+    def _kernel(self, x, silu: bool = False):
+        """The CPU kernel's forward (layer_kernels.group_norm), SiLU included if asked; no gradient."""
+        y = layer_kernels.group_norm(x.reshape(x.shape[0], x.shape[1], -1), self.num_groups, self.eps,
+                                     *(self._affine() or (None, None)), silu=silu)[0]
+        return y.reshape(x.shape)
+
 
 def norm_act(norm, act, x):
-    """act(norm(x)); GroupNorm + SiLU as one lean-backward step where it applies (see lean_backward)."""
-    if act is nn.silu and isinstance(norm, GroupNorm) and lean_backward_applies(x, *norm._affine()):
-        return group_norm_act(norm, x, silu=True)
+    """act(norm(x)); GroupNorm + SiLU as one step where it can be: the lean backward while training a LoRA
+    (see lean_backward), one CPU kernel where no gradient flows."""
+    if act is nn.silu and isinstance(norm, GroupNorm):
+        if lean_backward_applies(x, *norm._affine()):
+            return group_norm_act(norm, x, silu=True)
+        if layer_kernels.applies_without_grad(x, *norm._affine()):
+            return norm._kernel(x, silu=True)
     return act(norm(x))
 
 
@@ -184,6 +197,9 @@ class LayerNorm(nn.Module):
     def execute(self, x):
         if lean_backward_applies(x, *self._affine()):
             return layer_norm(self, x)                       # training a LoRA: save x, not the centred copy
+        if layer_kernels.applies_without_grad(x, *self._affine()):
+            y = layer_kernels.layer_norm(x.reshape(-1, x.shape[-1]), self.eps, *(self._affine() or (None, None)))[0]
+            return y.reshape(x.shape)
         dtype = x.dtype
         h = x.float32()                                                    # (..., C)
         h = h - h.mean(dim=-1, keepdims=True)

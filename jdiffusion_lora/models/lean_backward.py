@@ -17,7 +17,8 @@ then rebuild the rest in the backward. frozen_linear matters more than it looks:
 input for the backward even when the weight needs no gradient (its broadcast marks the input as needed), so
 every frozen projection (proj_in/proj_out, the feed-forward's two layers, CLIP's MLP) kept its input alive.
 Used only where a gradient flows and the affine weights are frozen (LoRA training): the weight/bias get no
-gradient here. Pure Jittor ops, so the same code runs on CPU and GPU.
+gradient here. On the CPU, the norms and the GEGLU run as the OpenMP kernels of layer_kernels.py (same
+formulas); elsewhere (GPU, half precision) as Jittor ops.
 
 Formulas (xhat = (x - mean) / std, y = xhat * w + b, reductions over each group / row of size K):
     dxhat = dy * w,   dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / std
@@ -30,6 +31,7 @@ from __future__ import annotations
 import math
 
 from .._runtime import jt
+from . import layer_kernels
 from .attention import _block_matmul, _constant
 
 _INV_SQRT2 = 1.0 / math.sqrt(2.0)
@@ -78,8 +80,16 @@ class GroupNormAct(jt.Function):
             h = h * _constant(self.weight).float32().reshape(c) + _constant(self.bias).float32().reshape(c)
         return h
 
+    def _weights(self):
+        return (None, None) if self.weight is None else (_constant(self.weight), _constant(self.bias))
+
     def execute(self, x):
         x = _constant(x)
+        if layer_kernels.applies(x):
+            y, mean, std = layer_kernels.group_norm(x.reshape(x.shape[0], x.shape[1], -1), self.groups, self.eps,
+                                                    *self._weights(), silu=self.silu)
+            self.saved = (x, mean, std)
+            return y.reshape(x.shape)
         xhat, mean, std = _normalise(x.float32().reshape(x.shape[0], self.groups, -1), self.eps, 2)   # (B, G, K)
         y = self._affine(xhat, x.shape)
         self.saved = (x, mean, std)
@@ -90,6 +100,10 @@ class GroupNormAct(jt.Function):
         self.saved = None
         shape, n = x.shape, x.shape[0]
         dy = _constant(dout).float32()                                           # (B, C, ...)
+        if layer_kernels.applies(x):
+            x3 = x.reshape(n, shape[1], -1)                                      # (B, C, S)
+            return layer_kernels.group_norm_grad(x3, mean, std, dy.reshape(x3.shape), self.groups,
+                                                 *self._weights(), silu=self.silu).reshape(shape)
         xhat = (x.float32().reshape(n, self.groups, -1) - mean) / std           # (B, G, K)
         if self.silu:
             dy = dy * _silu_grad(self._affine(xhat, shape))
@@ -105,8 +119,15 @@ class LayerNormFn(jt.Function):
     def __init__(self, eps: float, weight, bias):
         self.eps, self.weight, self.bias = eps, weight, bias
 
+    def _weights(self):
+        return (None, None) if self.weight is None else (_constant(self.weight), _constant(self.bias))
+
     def execute(self, x):
         x = _constant(x)
+        if layer_kernels.applies(x):
+            y, mean, std = layer_kernels.layer_norm(x.reshape(-1, x.shape[-1]), self.eps, *self._weights())
+            self.saved = (x, mean, std)                                          # mean, std: (N, 1)
+            return y.reshape(x.shape)
         xhat, mean, std = _normalise(x.float32(), self.eps, -1)                  # (..., C)
         self.saved = (x, mean, std)
         if self.weight is not None:
@@ -117,6 +138,10 @@ class LayerNormFn(jt.Function):
         x, mean, std = self.saved
         self.saved = None
         dxhat = _constant(dout).float32()
+        if layer_kernels.applies(x):
+            x2 = x.reshape(-1, x.shape[-1])                                      # (N, C)
+            return layer_kernels.layer_norm_grad(x2, mean, std, dxhat.reshape(x2.shape),
+                                                 self._weights()[0]).reshape(x.shape)
         if self.weight is not None:
             dxhat = dxhat * _constant(self.weight).float32()
         xhat = (x.float32() - mean) / std
@@ -130,11 +155,16 @@ class Geglu(jt.Function):
         h = _constant(h)
         self.saved = h
         half = h.shape[-1] // 2
+        if layer_kernels.applies(h):
+            return layer_kernels.geglu(h.reshape(-1, 2 * half)).reshape(tuple(h.shape[:-1]) + (half,))
         return h[..., :half] * jt.nn.gelu(h[..., half:])                        # (..., I)
 
     def grad(self, dout):
         h, self.saved = self.saved, None
         half = h.shape[-1] // 2
+        if layer_kernels.applies(h):
+            h2 = h.reshape(-1, 2 * half)                                         # (N, 2I)
+            return layer_kernels.geglu_grad(h2, _constant(dout).float32().reshape(-1, half)).reshape(h.shape)
         a, g = h[..., :half].float32(), h[..., half:].float32()                  # (..., I)
         do = _constant(dout).float32()
         cdf = 0.5 * (1.0 + jt.erf(g * _INV_SQRT2))

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .._runtime import jt
+from . import layer_kernels
 from .checkpointing import Checkpointable
 from .layers import (Attention, Downsample2D, GroupNorm, LayerNorm, Linear, ResnetBlock2D, TimestepEmbedding, Upsample2D,
                      activation, norm_act, timestep_embedding)
@@ -144,6 +145,8 @@ class GEGLU(nn.Module):
         h = self.proj(x)                                        # (B, N, 2*inner)
         if lean_backward_applies(h):                            # training: save h only (see lean_backward)
             return geglu(h)
+        if layer_kernels.applies_without_grad(h):               # one CPU kernel, no slice copies
+            return layer_kernels.geglu(h.reshape(-1, h.shape[-1])).reshape(tuple(h.shape[:-1]) + (self.dim_out,))
         return h[..., :self.dim_out] * nn.gelu(h[..., self.dim_out:])
 
 
