@@ -25,7 +25,26 @@ from .._runtime import jt
 # False: Jittor's ops everywhere (the GPU's way), e.g. to compare the two paths in the tests.
 ENABLED = True
 
-_HEADER = "#include <cmath>\n"
+# Shared by the norms: a group's or row's two-pass statistics, and the last sweep of their backward.
+_HEADER = r"""
+#include <cmath>
+#include <cstddef>
+// mean and sd = sqrt(var + eps) of x[0..n), two passes, summed in double
+inline void jdl_moments(const float* x, size_t n, float eps, float* mean, float* sd) {
+    double sum = 0.0, sq = 0.0;
+    for (size_t k = 0; k < n; k++) sum += x[k];
+    const float m = (float)(sum / n);
+    for (size_t k = 0; k < n; k++) { const double c = x[k] - m; sq += c * c; }
+    *mean = m;
+    *sd = sqrtf((float)(sq / n) + eps);
+}
+// dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / sd, with dx holding dxhat, s1 = sum(dxhat) and
+// s2 = sum(dxhat * xhat) over the n values
+inline void jdl_normalise_grad(const float* x, float* dx, size_t n, float mean, float sd, double s1, double s2) {
+    const float m1 = (float)(s1 / n), m2 = (float)(s2 / n);
+    for (size_t k = 0; k < n; k++) dx[k] = (dx[k] - m1 - (x[k] - mean) / sd * m2) / sd;
+}
+"""
 # JDL_W(c), JDL_B(c): channel c's affine weight and bias (inputs W and B), or 1 and 0 without them.
 _AFFINE_HEADER = _HEADER + r"""
 #undef JDL_W
@@ -74,11 +93,8 @@ _GROUP_NORM = r"""
         const size_t start = ((size_t)(bg / G) * C + (size_t)(bg % G) * Cg) * S;
         const float* x = in0_p + start;
         float* y = out0_p + start;
-        double sum = 0.0, sq = 0.0;
-        for (size_t k = 0; k < K; k++) sum += x[k];
-        const float mean = (float)(sum / K);
-        for (size_t k = 0; k < K; k++) { const double c = x[k] - mean; sq += c * c; }
-        const float sd = sqrtf((float)(sq / K) + @EPS@);
+        float mean, sd;
+        jdl_moments(x, K, @EPS@, &mean, &sd);
         for (int ci = 0; ci < Cg; ci++) {
             const int c = (bg % G) * Cg + ci;
             const float w = JDL_W(c), b = JDL_B(c);
@@ -123,8 +139,7 @@ _GROUP_NORM_GRAD = r"""
                 s2 += (double)d * xh;
             }
         }
-        const float m1 = (float)(s1 / K), m2 = (float)(s2 / K);
-        for (size_t k = 0; k < K; k++) dx[k] = (dx[k] - m1 - (x[k] - mean) / sd * m2) / sd;
+        jdl_normalise_grad(x, dx, K, mean, sd, s1, s2);
     }
 """
 
@@ -162,11 +177,8 @@ _LAYER_NORM = r"""
     for (int i = 0; i < N; i++) {
         const float* x = in0_p + (size_t)i * C;
         float* y = out0_p + (size_t)i * C;
-        double sum = 0.0, sq = 0.0;
-        for (int k = 0; k < C; k++) sum += x[k];
-        const float mean = (float)(sum / C);
-        for (int k = 0; k < C; k++) { const double c = x[k] - mean; sq += c * c; }
-        const float sd = sqrtf((float)(sq / C) + @EPS@);
+        float mean, sd;
+        jdl_moments(x, C, @EPS@, &mean, &sd);
         for (int k = 0; k < C; k++)
             y[k] = (x[k] - mean) / sd * JDL_W(k) + JDL_B(k);
         out1_p[i] = mean;
@@ -190,8 +202,7 @@ _LAYER_NORM_GRAD = r"""
             s1 += d;
             s2 += (double)d * ((x[k] - mean) / sd);
         }
-        const float m1 = (float)(s1 / C), m2 = (float)(s2 / C);
-        for (int k = 0; k < C; k++) dx[k] = (dx[k] - m1 - (x[k] - mean) / sd * m2) / sd;
+        jdl_normalise_grad(x, dx, C, mean, sd, s1, s2);
     }
 """
 
