@@ -60,6 +60,11 @@ def _normalise_grad(dxhat, xhat, std, axis: int):
             - xhat * (dxhat * xhat).mean(dim=axis, keepdims=True)) / std
 
 
+def _frozen_affine(fn):
+    """fn's affine (weight, bias) as stop-grad Vars, or (None, None) without them."""
+    return (None, None) if fn.weight is None else (_constant(fn.weight), _constant(fn.bias))
+
+
 def _silu_grad(y):
     s = jt.sigmoid(y)
     return s * (1.0 + y * (1.0 - s))
@@ -80,14 +85,11 @@ class GroupNormAct(jt.Function):
             h = h * _constant(self.weight).float32().reshape(c) + _constant(self.bias).float32().reshape(c)
         return h
 
-    def _weights(self):
-        return (None, None) if self.weight is None else (_constant(self.weight), _constant(self.bias))
-
     def execute(self, x):
         x = _constant(x)
         if layer_kernels.applies(x):
             y, mean, std = layer_kernels.group_norm(x.reshape(x.shape[0], x.shape[1], -1), self.groups, self.eps,
-                                                    *self._weights(), silu=self.silu)
+                                                    *_frozen_affine(self), silu=self.silu)
             self.saved = (x, mean, std)
             return y.reshape(x.shape)
         xhat, mean, std = _normalise(x.float32().reshape(x.shape[0], self.groups, -1), self.eps, 2)   # (B, G, K)
@@ -103,7 +105,7 @@ class GroupNormAct(jt.Function):
         if layer_kernels.applies(x):
             x3 = x.reshape(n, shape[1], -1)                                      # (B, C, S)
             return layer_kernels.group_norm_grad(x3, mean, std, dy.reshape(x3.shape), self.groups,
-                                                 *self._weights(), silu=self.silu).reshape(shape)
+                                                 *_frozen_affine(self), silu=self.silu).reshape(shape)
         xhat = (x.float32().reshape(n, self.groups, -1) - mean) / std           # (B, G, K)
         if self.silu:
             dy = dy * _silu_grad(self._affine(xhat, shape))
@@ -119,13 +121,10 @@ class LayerNormFn(jt.Function):
     def __init__(self, eps: float, weight, bias):
         self.eps, self.weight, self.bias = eps, weight, bias
 
-    def _weights(self):
-        return (None, None) if self.weight is None else (_constant(self.weight), _constant(self.bias))
-
     def execute(self, x):
         x = _constant(x)
         if layer_kernels.applies(x):
-            y, mean, std = layer_kernels.layer_norm(x.reshape(-1, x.shape[-1]), self.eps, *self._weights())
+            y, mean, std = layer_kernels.layer_norm(x.reshape(-1, x.shape[-1]), self.eps, *_frozen_affine(self))
             self.saved = (x, mean, std)                                          # mean, std: (N, 1)
             return y.reshape(x.shape)
         xhat, mean, std = _normalise(x.float32(), self.eps, -1)                  # (..., C)
@@ -141,7 +140,7 @@ class LayerNormFn(jt.Function):
         if layer_kernels.applies(x):
             x2 = x.reshape(-1, x.shape[-1])                                      # (N, C)
             return layer_kernels.layer_norm_grad(x2, mean, std, dxhat.reshape(x2.shape),
-                                                 self._weights()[0]).reshape(x.shape)
+                                                 _frozen_affine(self)[0]).reshape(x.shape)
         if self.weight is not None:
             dxhat = dxhat * _constant(self.weight).float32()
         xhat = (x.float32() - mean) / std
