@@ -6,12 +6,14 @@ several of them (row mean, centre, square, row mean, divide, scale, shift, SiLU)
 tensor; the GEGLU's two halves are sliced into copies first. Each kernel below does the same math in two or
 three sweeps per group or row, the groups/rows split over the CPU's threads, and is one op instead of eight.
 
-    group_norm(x, G, eps, w, b, silu)          -> y, mean, std       x (B, C, S); mean, std (B, G, 1)
+    group_norm(x, G, eps, w, b, silu)          -> y, mean, std       x (B, C, ...); mean, std (B, G, 1)
     group_norm_grad(x, mean, std, dy, ...)     -> dx
-    layer_norm(x, eps, w, b)                   -> y, mean, std       x (N, C); mean, std (N, 1)
+    layer_norm(x, eps, w, b)                   -> y, mean, std       x (..., C); mean, std (N, 1), N rows
     layer_norm_grad(x, mean, std, dy, w)       -> dx
-    geglu(h)                                   -> a * gelu(g)        h (N, 2I) = [a | g]
-    geglu_grad(h, dy)                          -> dh (N, 2I)
+    geglu(h)                                   -> a * gelu(g)        h (..., 2I) = [a | g]
+    geglu_grad(h, dy)                          -> dh (..., 2I)
+
+Outputs and gradients have their input's shape (the kernels see it flattened to groups or rows).
 
 Group and row sums accumulate in float64, so the statistics are at least as accurate as the op path's (and
 torch's). The formulas are the ones in lean_backward.py. Used on CPU for float32 tensors whenever `applies`
@@ -153,19 +155,23 @@ def _affine(weight, bias, first: int):
 
 
 def group_norm(x, groups: int, eps: float, weight=None, bias=None, silu: bool = False):
-    """x (B, C, S) float32 -> (y (B, C, S), mean (B, G, 1), std (B, G, 1)); y = silu?(xhat * w + b)."""
-    b, c, s = x.shape
+    """x (B, C, ...) float32 -> (y like x, mean (B, G, 1), std (B, G, 1)); y = silu?(xhat * w + b)."""
+    b, c = x.shape[:2]
+    x3 = x.reshape(b, c, -1)                                                  # (B, C, S)
     affine, header = _affine(weight, bias, 1)
     src = _source(_GROUP_NORM, G=groups, EPS=_literal(eps), SILU=int(silu))
-    return jt.code([(b, c, s), (b, groups, 1), (b, groups, 1)], ["float32"] * 3, [x] + affine,
-                   cpu_header=header, cpu_src=src)
+    y, mean, std = jt.code([x3.shape, (b, groups, 1), (b, groups, 1)], ["float32"] * 3, [x3] + affine,
+                           cpu_header=header, cpu_src=src)
+    return y.reshape(x.shape), mean, std
 
 
 def group_norm_grad(x, mean, std, dy, groups: int, weight=None, bias=None, silu: bool = False):
-    """The gradient of `group_norm`'s y with respect to x, from dy (B, C, S); the affine weights are frozen."""
+    """The gradient of `group_norm`'s y with respect to x, from dy (like x); the affine weights are frozen."""
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)                                # (B, C, S)
     affine, header = _affine(weight, bias, 4)
     src = _source(_GROUP_NORM_GRAD, G=groups, SILU=int(silu))
-    return jt.code(x.shape, "float32", [x, mean, std, dy] + affine, cpu_header=header, cpu_src=src)
+    dx = jt.code(x3.shape, "float32", [x3, mean, std, dy.reshape(x3.shape)] + affine, cpu_header=header, cpu_src=src)
+    return dx.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- LayerNorm
@@ -208,17 +214,21 @@ _LAYER_NORM_GRAD = r"""
 
 
 def layer_norm(x, eps: float, weight=None, bias=None):
-    """x (N, C) float32 -> (y (N, C), mean (N, 1), std (N, 1)); y = xhat * w + b."""
-    n, c = x.shape
+    """x (..., C) float32 -> (y like x, mean (N, 1), std (N, 1)) over its N rows; y = xhat * w + b."""
+    x2 = x.reshape(-1, x.shape[-1])                                           # (N, C)
     affine, header = _affine(weight, bias, 1)
-    return jt.code([(n, c), (n, 1), (n, 1)], ["float32"] * 3, [x] + affine,
-                   cpu_header=header, cpu_src=_source(_LAYER_NORM, EPS=_literal(eps)))
+    y, mean, std = jt.code([x2.shape, (x2.shape[0], 1), (x2.shape[0], 1)], ["float32"] * 3, [x2] + affine,
+                           cpu_header=header, cpu_src=_source(_LAYER_NORM, EPS=_literal(eps)))
+    return y.reshape(x.shape), mean, std
 
 
 def layer_norm_grad(x, mean, std, dy, weight=None):
-    """The gradient of `layer_norm`'s y with respect to x, from dy (N, C); the affine weights are frozen."""
+    """The gradient of `layer_norm`'s y with respect to x, from dy (like x); the affine weights are frozen."""
+    x2 = x.reshape(-1, x.shape[-1])                                           # (N, C)
     affine, header = _affine(weight, None, 4)
-    return jt.code(x.shape, "float32", [x, mean, std, dy] + affine, cpu_header=header, cpu_src=_LAYER_NORM_GRAD)
+    dx = jt.code(x2.shape, "float32", [x2, mean, std, dy.reshape(x2.shape)] + affine, cpu_header=header,
+                 cpu_src=_LAYER_NORM_GRAD)
+    return dx.reshape(x.shape)
 
 
 # --------------------------------------------------------------------------- GEGLU gate
@@ -258,14 +268,19 @@ _GEGLU_GRAD = r"""
 
 
 def geglu(h):
-    """h (N, 2I) float32 = [value | gate] -> value * gelu(gate), (N, I)."""
-    n, two_i = h.shape
-    return jt.code((n, two_i // 2), "float32", [h], cpu_header=_GEGLU_HEADER, cpu_src=_GEGLU)
+    """h (..., 2I) float32 = [value | gate] -> value * gelu(gate), (..., I)."""
+    half = h.shape[-1] // 2
+    h2 = h.reshape(-1, 2 * half)                                              # (N, 2I)
+    y = jt.code((h2.shape[0], half), "float32", [h2], cpu_header=_GEGLU_HEADER, cpu_src=_GEGLU)
+    return y.reshape(tuple(h.shape[:-1]) + (half,))
 
 
 def geglu_grad(h, dy):
-    """The gradient of `geglu` with respect to h (N, 2I), from dy (N, I)."""
-    return jt.code(h.shape, "float32", [h, dy], cpu_header=_GEGLU_HEADER, cpu_src=_GEGLU_GRAD)
+    """The gradient of `geglu` with respect to h (..., 2I), from dy (..., I)."""
+    h2 = h.reshape(-1, h.shape[-1])                                           # (N, 2I)
+    dh = jt.code(h2.shape, "float32", [h2, dy.reshape(h2.shape[0], -1)], cpu_header=_GEGLU_HEADER,
+                 cpu_src=_GEGLU_GRAD)
+    return dh.reshape(h.shape)
 
 
 __all__ = ["ENABLED", "applies", "applies_without_grad", "group_norm", "group_norm_grad", "layer_norm", "layer_norm_grad", "geglu",

@@ -162,9 +162,7 @@ class GroupNorm(nn.Module):
 
     def _kernel(self, x, silu: bool = False):
         """The CPU kernel's forward (layer_kernels.group_norm), SiLU included if asked; no gradient."""
-        y = layer_kernels.group_norm(x.reshape(x.shape[0], x.shape[1], -1), self.num_groups, self.eps,
-                                     *(self._affine() or (None, None)), silu=silu)[0]
-        return y.reshape(x.shape)
+        return layer_kernels.group_norm(x, self.num_groups, self.eps, *(self._affine() or (None, None)), silu=silu)[0]
 
 
 def norm_act(norm, act, x):
@@ -198,8 +196,7 @@ class LayerNorm(nn.Module):
         if lean_backward_applies(x, *self._affine()):
             return layer_norm(self, x)                       # training a LoRA: save x, not the centred copy
         if layer_kernels.applies_without_grad(x, *self._affine()):
-            y = layer_kernels.layer_norm(x.reshape(-1, x.shape[-1]), self.eps, *(self._affine() or (None, None)))[0]
-            return y.reshape(x.shape)
+            return layer_kernels.layer_norm(x, self.eps, *(self._affine() or (None, None)))[0]
         dtype = x.dtype
         h = x.float32()                                                    # (..., C)
         h = h - h.mean(dim=-1, keepdims=True)

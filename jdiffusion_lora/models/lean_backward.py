@@ -88,10 +88,9 @@ class GroupNormAct(jt.Function):
     def execute(self, x):
         x = _constant(x)
         if layer_kernels.applies(x):
-            y, mean, std = layer_kernels.group_norm(x.reshape(x.shape[0], x.shape[1], -1), self.groups, self.eps,
-                                                    *_frozen_affine(self), silu=self.silu)
+            y, mean, std = layer_kernels.group_norm(x, self.groups, self.eps, *_frozen_affine(self), silu=self.silu)
             self.saved = (x, mean, std)
-            return y.reshape(x.shape)
+            return y
         xhat, mean, std = _normalise(x.float32().reshape(x.shape[0], self.groups, -1), self.eps, 2)   # (B, G, K)
         y = self._affine(xhat, x.shape)
         self.saved = (x, mean, std)
@@ -103,9 +102,7 @@ class GroupNormAct(jt.Function):
         shape, n = x.shape, x.shape[0]
         dy = _constant(dout).float32()                                           # (B, C, ...)
         if layer_kernels.applies(x):
-            x3 = x.reshape(n, shape[1], -1)                                      # (B, C, S)
-            return layer_kernels.group_norm_grad(x3, mean, std, dy.reshape(x3.shape), self.groups,
-                                                 *_frozen_affine(self), silu=self.silu).reshape(shape)
+            return layer_kernels.group_norm_grad(x, mean, std, dy, self.groups, *_frozen_affine(self), silu=self.silu)
         xhat = (x.float32().reshape(n, self.groups, -1) - mean) / std           # (B, G, K)
         if self.silu:
             dy = dy * _silu_grad(self._affine(xhat, shape))
@@ -124,9 +121,9 @@ class LayerNormFn(jt.Function):
     def execute(self, x):
         x = _constant(x)
         if layer_kernels.applies(x):
-            y, mean, std = layer_kernels.layer_norm(x.reshape(-1, x.shape[-1]), self.eps, *_frozen_affine(self))
+            y, mean, std = layer_kernels.layer_norm(x, self.eps, *_frozen_affine(self))
             self.saved = (x, mean, std)                                          # mean, std: (N, 1)
-            return y.reshape(x.shape)
+            return y
         xhat, mean, std = _normalise(x.float32(), self.eps, -1)                  # (..., C)
         self.saved = (x, mean, std)
         if self.weight is not None:
@@ -138,9 +135,7 @@ class LayerNormFn(jt.Function):
         self.saved = None
         dxhat = _constant(dout).float32()
         if layer_kernels.applies(x):
-            x2 = x.reshape(-1, x.shape[-1])                                      # (N, C)
-            return layer_kernels.layer_norm_grad(x2, mean, std, dxhat.reshape(x2.shape),
-                                                 _frozen_affine(self)[0]).reshape(x.shape)
+            return layer_kernels.layer_norm_grad(x, mean, std, dxhat, _frozen_affine(self)[0])
         if self.weight is not None:
             dxhat = dxhat * _constant(self.weight).float32()
         xhat = (x.float32() - mean) / std
@@ -155,15 +150,14 @@ class Geglu(jt.Function):
         self.saved = h
         half = h.shape[-1] // 2
         if layer_kernels.applies(h):
-            return layer_kernels.geglu(h.reshape(-1, 2 * half)).reshape(tuple(h.shape[:-1]) + (half,))
+            return layer_kernels.geglu(h)
         return h[..., :half] * jt.nn.gelu(h[..., half:])                        # (..., I)
 
     def grad(self, dout):
         h, self.saved = self.saved, None
         half = h.shape[-1] // 2
         if layer_kernels.applies(h):
-            h2 = h.reshape(-1, 2 * half)                                         # (N, 2I)
-            return layer_kernels.geglu_grad(h2, _constant(dout).float32().reshape(-1, half)).reshape(h.shape)
+            return layer_kernels.geglu_grad(h, _constant(dout).float32())
         a, g = h[..., :half].float32(), h[..., half:].float32()                  # (..., I)
         do = _constant(dout).float32()
         cdf = 0.5 * (1.0 + jt.erf(g * _INV_SQRT2))

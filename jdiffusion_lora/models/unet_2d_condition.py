@@ -146,7 +146,7 @@ class GEGLU(nn.Module):
         if lean_backward_applies(h):                            # training: save h only (see lean_backward)
             return geglu(h)
         if layer_kernels.applies_without_grad(h):               # one CPU kernel, no slice copies
-            return layer_kernels.geglu(h.reshape(-1, h.shape[-1])).reshape(tuple(h.shape[:-1]) + (self.dim_out,))
+            return layer_kernels.geglu(h)
         return h[..., :self.dim_out] * nn.gelu(h[..., self.dim_out:])
 
 
