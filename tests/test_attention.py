@@ -1,5 +1,6 @@
-"""The one attention function: every path (loop, batched, memory-efficient, fused kernel's CPU build) gives the
-same output and gradients as the others and as PyTorch's / diffusers' attention, with masks and query chunks."""
+"""The one attention function: every path (loop, batched, memory-efficient, fused: the CPU's blocked kernels) gives
+the same output and gradients as the others and as PyTorch's / diffusers' attention, with masks and query chunks;
+the GPU's fused kernel through its row routine's CPU build."""
 import numpy as np
 import pytest
 import torch
@@ -12,13 +13,13 @@ from helpers import max_abs_diff, randomize
 
 TOL = 1e-5
 GRAD_TOL = 1e-4
-CPU_PATHS = ["loop", "batched", "memory_efficient", "fused"]   # "fused" runs its kernel's CPU build here
-# The paths CPU runs take (loop for inference, memory-efficient for training) are in the default set; the GPU
-# paths compile kernels of their own (about 400 on a cold cache), so they run in the slow set (CI runs both).
+CPU_PATHS = ["loop", "batched", "memory_efficient", "fused"]   # "fused" is the blocked kernels on CPU
+# The path CPU runs take (fused) and its fallbacks are in the default set; the batched (GPU) path compiles
+# kernels of its own (about 400 on a cold cache), so it runs in the slow set (CI runs both).
 
 
 def paths(names=CPU_PATHS):
-    return [pytest.param(p, marks=pytest.mark.slow) if p in ("batched", "fused") else p for p in names]
+    return [pytest.param(p, marks=pytest.mark.slow) if p == "batched" else p for p in names]
 
 
 def _inputs(b=2, n=37, m=29, heads=3, d=8, seed=0):
@@ -48,7 +49,7 @@ def test_every_path_matches_torch_sdpa(path, chunk):
     assert max_abs_diff(out, ref) <= TOL
 
 
-@pytest.mark.parametrize("path", paths(["loop", "batched", "memory_efficient"]))
+@pytest.mark.parametrize("path", paths(["loop", "batched", "memory_efficient", "fused"]))
 @pytest.mark.slow   # compiles kernels no default test needs (cold-cache time; CI runs the slow set)
 def test_masked_paths_match_torch(path):
     """Additive masks broadcast over samples/heads (the CLIP causal mask) and per sample."""
@@ -108,24 +109,58 @@ def test_attention_module_matches_diffusers(path):
     assert max_abs_diff(got, expected) <= TOL
 
 
-def test_path_choice_on_cpu():
-    """CPU: the per-head loop for inference and small training graphs, the memory-efficient path when the
-    saved scores would be large; the fused kernel never (it is the GPU path)."""
+def test_path_choice_on_cpu(monkeypatch):
+    """CPU: the blocked kernels (fused) for inference and training, with or without a mask; without oneDNN the
+    per-head loop, or the memory-efficient path when the saved scores would be large; dropout: the loop."""
     assert not jt.flags.use_cuda
     small = [jt.array(x) for x in _inputs(b=1, n=16, m=16, heads=2)]
-    with jt.no_grad():
-        assert choose_path(*small, heads=2) == "loop"
     big = [jt.zeros((1, 4096, 320)) for _ in range(3)]
+    assert A.blocked_available()
+    with jt.no_grad():
+        assert choose_path(*small, heads=2) == "fused"
+        assert choose_path(*big, heads=5, mask=jt.zeros((1, 1, 4096, 4096))) == "fused"
+    assert choose_path(*big, heads=5) == "fused"
+    assert choose_path(*big, heads=5, dropout=0.1) == "loop"            # dropout: only the plain paths
+    monkeypatch.setattr(A, "blocked_available", lambda: False)
     assert choose_path(*big, heads=5) == "memory_efficient"          # 5 heads x 4096^2 floats = 320 MB saved
     with jt.no_grad():
+        assert choose_path(*small, heads=2) == "loop"
         assert choose_path(*big, heads=5) == "loop"
-    assert choose_path(*big, heads=5, dropout=0.1) == "loop"            # dropout: only the plain paths
     with attention_path("batched"):
         assert choose_path(*small, heads=2) == "batched"
-    assert choose_path(*small, heads=2) in ("loop", "memory_efficient")
     with pytest.raises(ValueError, match="unknown attention path"):
         attention_path("flash")
     assert set(CPU_PATHS) == set(PATHS)
+
+
+def test_blocked_kernels_split_rows_and_runs(monkeypatch):
+    """The blocked kernels with several query blocks per (sample, head), the backward's blocks split into runs
+    whose dK/dV partial sums are added at the end, and a per-sample mask: output and gradients against torch."""
+    from jdiffusion_lora.models import attention_kernels as K
+
+    monkeypatch.setattr(K, "BLOCK_BYTES", 4 * 29 * 16)                  # 16 query rows per block: 3 blocks of 37
+    q, k, v = _inputs(b=2, n=37, m=29, heads=3, d=8, seed=11)
+    mask = np.random.default_rng(12).standard_normal((2, 1, 37, 29)).astype(np.float32)
+    w = np.random.default_rng(13).standard_normal((2, 37, 24)).astype(np.float32)
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_(True) for x in (q, k, v))
+    ref = _torch_attention(tq, tk, tv, 3, mask)
+    (ref * torch.from_numpy(w)).sum().backward()
+    jq, jk, jv = jt.array(q), jt.array(k), jt.array(v)
+    out = attention(jq, jk, jv, 3, mask=jt.array(mask), path="fused")
+    assert max_abs_diff(out.numpy(), ref.detach().numpy()) <= TOL
+    grads = jt.grad((out * jt.array(w)).sum(), [jq, jk, jv])
+    for ours, expected in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        assert max_abs_diff(ours.numpy(), expected.numpy()) <= GRAD_TOL
+
+
+@pytest.mark.slow   # compiles the GPU kernel's row routine for CPU
+def test_gpu_fused_kernel_row_routine_matches_torch():
+    q, k, v = _inputs(b=2, n=13, m=9, heads=1, d=8, seed=14)
+    out, lse = A.fused_forward(jt.array(q), jt.array(k), jt.array(v))   # (G, N, D) heads: here G = B, one head
+    assert max_abs_diff(out.numpy(), _torch_attention(q, k, v, 1).numpy()) <= TOL
+    scores = np.einsum("gnd,gmd->gnm", q, k) * 8 ** -0.5
+    expected = np.log(np.exp(scores - scores.max(-1, keepdims=True)).sum(-1)) + scores.max(-1)
+    assert np.abs(lse.numpy() - expected).max() <= TOL
 
 
 def test_query_chunks_follow_the_budget(monkeypatch):

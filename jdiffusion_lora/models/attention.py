@@ -12,9 +12,12 @@ Every model here (UNet, VAE, CLIP text encoder, the scorer's networks) calls thi
   Dao et al. 2022). A plain path keeps every head's N x M exponentials for the backward pass: at 512 px
   (N = M = 4096) that is 64 MB per head per layer, several GB over the UNet. Chosen when gradients flow and the
   saved scores would be large.
-- "fused": one CUDA kernel (`jt.code`) computing a row per thread with an online softmax (Milakov & Gimelshein
-  2018), never materialising the scores; its backward is the memory-efficient one. Chosen on GPU for head sizes
-  up to 128. The kernel's row routine also compiles for CPU so its math is tested here; on CPU it is never chosen.
+- "fused": one kernel for the whole call, never holding more than a block of scores. On CPU (the default
+  there): each (sample, head, block of query rows) is two oneDNN sgemm calls with the block's softmax between
+  them, in cache, blocks split over the threads, and its backward is the FlashAttention backward on the same
+  blocks in one more kernel (attention_kernels.py). On GPU: a CUDA kernel computing a row per thread with an
+  online softmax (Milakov & Gimelshein 2018) for head sizes up to 128 without a mask, its backward the
+  memory-efficient one; that kernel's row routine also compiles for CPU so its math is tested here.
 
 Queries are processed in chunks whenever one chunk's scores would not fit in the memory budget
 (`query_chunk_size`: a quarter of the free memory, as diffusers' attention slicing), so inference at 768 px
@@ -28,7 +31,8 @@ import os
 from typing import Optional
 
 from .._runtime import jt
-from .attention_kernels import FUSED_MAX_HEAD_DIM, fused_forward, row_softmax, softmax_backward
+from .attention_kernels import (FUSED_MAX_HEAD_DIM, blocked_available, blocked_backward, blocked_forward,
+                                fused_forward, row_softmax, softmax_backward)
 from .checkpointing import rebuilding
 
 nn = jt.nn
@@ -133,11 +137,14 @@ def choose_path(q, k, v, heads: int, mask=None, dropout: float = 0.0) -> str:
     grad = _needs_grad(q, k, v)
     if grad and dropout > 0:
         return "loop" if not jt.flags.use_cuda else "batched"   # dropout only on the plain paths
-    if jt.flags.use_cuda and mask is None and d <= FUSED_MAX_HEAD_DIM:
+    big = grad and 4 * b * heads * n * m > SAVED_SCORES_LIMIT
+    if jt.flags.use_cuda:
+        if mask is None and d <= FUSED_MAX_HEAD_DIM:
+            return "fused"
+        return "memory_efficient" if big else "batched"
+    if blocked_available():
         return "fused"
-    if grad and 4 * b * heads * n * m > SAVED_SCORES_LIMIT:
-        return "memory_efficient"
-    return "batched" if jt.flags.use_cuda else "loop"
+    return "memory_efficient" if big else "loop"
 
 
 def attention(q, k, v, heads: int, mask=None, upcast: bool = False, dropout: float = 0.0,
@@ -159,7 +166,7 @@ def attention(q, k, v, heads: int, mask=None, upcast: bool = False, dropout: flo
     if upcast:
         q, k, v = q.float32(), k.float32(), v.float32()
     if path == "fused":
-        out = fused_attention(q, k, v, heads)
+        out = FusedAttention(heads)(q, k, v, None if mask is None else _constant(mask))
     elif path == "memory_efficient":
         out = MemoryEfficientAttention(heads, chunk)(q, k, v, None if mask is None else _constant(mask))
     elif path == "batched":
@@ -413,11 +420,26 @@ def _zero_after(*xs):
 
 
 class FusedAttention(MemoryEfficientAttention):
-    """Forward: the fused kernel over all (sample, head) pairs; backward: the memory-efficient recomputation."""
+    """Attention in one kernel per pass (see the module docstring's "fused").
+
+    CPU: `blocked_forward` (saving the output and each row's log-sum-exp) and `blocked_backward`.
+    GPU, or a CPU without oneDNN: the row-per-thread kernel over all (sample, head) pairs, and the
+    memory-efficient backward."""
 
     def execute(self, q, k, v, mask=None):
         b, n, inner = q.shape
         heads, d = self.heads, inner // self.heads
+        self.blocked = blocked_available()
+        if self.blocked:
+            q32, k32, v32 = (_constant(x).float32() for x in (q, k, v))
+            if mask is not None:
+                mask = mask.float32().broadcast(tuple(mask.shape[:3]) + (k.shape[1],))
+            out, lse = blocked_forward(q32, k32, v32, heads, mask)                # (B, N, heads*D), (B, heads, N)
+            self.saved = (q32, k32, v32, mask, out, lse)
+            self.dtypes = (q.dtype, k.dtype, v.dtype)
+            return out.cast(q.dtype)
+        if mask is not None:
+            raise ValueError("the GPU's fused attention kernel takes no mask; use another path")
 
         def groups(x):  # (B, L, H*D) -> (B*H, L, D) float32, contiguous
             return _split_heads(x.float32(), heads).reshape(b * heads, x.shape[1], d)
@@ -430,11 +452,13 @@ class FusedAttention(MemoryEfficientAttention):
         self.saved = (q, k, v, None, out, lses)
         return out.cast(q.dtype)
 
-
-def fused_attention(q, k, v, heads: int):
-    """(B, N, heads*D) attention through the fused kernel (GPU; on CPU only for tests)."""
-    return FusedAttention(heads)(q, k, v, None)
+    def grad(self, dout):
+        if not self.blocked:
+            return super().grad(dout)
+        q, k, v, mask, out, lse = self.saved
+        grads = blocked_backward(q, k, v, out, lse, _constant(dout).float32(), self.heads, mask)
+        return tuple(g.cast(dtype) for g, dtype in zip(grads, self.dtypes)) + (None,)
 
 
 __all__ = ["attention", "attention_path", "choose_path", "query_chunk_size", "free_memory_bytes", "PATHS", "MemoryEfficientAttention",
-           "FusedAttention", "fused_forward"]
+           "FusedAttention"]
