@@ -5,7 +5,8 @@
 Every model here (UNet, VAE, CLIP text encoder, the scorer's networks) calls this one function. Paths:
 
 - "loop": one (sample, head) at a time with 2-D matmuls. On CPU Jittor runs 2-D matmuls through oneDNN but
-  batched ones as a generic broadcast-reduce loop (1.3-2.2x slower at SD sizes), so this is the CPU path.
+  batched ones as a generic broadcast-reduce loop (1.3-2.2x slower at SD sizes), so this is the CPU's path
+  where "fused" cannot go: dropout, or no oneDNN.
 - "batched": all heads in one 4-D matmul (B, H, N, M): what a GPU wants (one batched GEMM, few kernels).
 - "memory_efficient": a `jt.Function` whose forward keeps only the output and each row's log-sum-exp, and whose
   backward recomputes the scores one (sample, head, query chunk) at a time (the FlashAttention backward,
@@ -19,7 +20,7 @@ Every model here (UNet, VAE, CLIP text encoder, the scorer's networks) calls thi
   online softmax (Milakov & Gimelshein 2018) for head sizes up to 128 without a mask, its backward the
   memory-efficient one; that kernel's row routine also compiles for CPU so its math is tested here.
 
-Queries are processed in chunks whenever one chunk's scores would not fit in the memory budget
+The plain paths process queries in chunks whenever one chunk's scores would not fit in the memory budget
 (`query_chunk_size`: a quarter of the free memory, as diffusers' attention slicing), so inference at 768 px
 never allocates all heads' N x M scores at once either.
 

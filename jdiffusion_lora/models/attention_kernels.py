@@ -1,5 +1,8 @@
-"""Hand-written attention kernels (`jt.code`): the softmax rows of the memory-efficient path on CPU, and the
-fused forward for GPU.
+"""Hand-written attention kernels (`jt.code`): the CPU's blocked attention (forward and backward), the softmax
+rows of the memory-efficient path on CPU, and the fused forward for GPU.
+
+    blocked_forward(q, k, v, heads, mask)                     -> out (B, N, H*D), lse (B, H, N)
+    blocked_backward(q, k, v, out, lse, dout, heads, mask)    -> dq, dk, dv
 
 Jittor runs its own elementwise and reduce kernels on one CPU thread. The memory-efficient attention's
 (n, M) score blocks pass through four of them in the forward (row max, exp, row sum, log) and two in the
