@@ -77,7 +77,7 @@ def test_batch_padding_truncation(pair):
     for kwargs in ({}, {"max_length": 20}, {"padding": "longest"}):
         theirs = ref(TRICKY, return_tensors="np", truncation=True,
                      **{"padding": "max_length", "max_length": ref.model_max_length, **kwargs})
-        mine = ours(TRICKY, **kwargs)
+        mine = ours(TRICKY, return_tensors="np", **kwargs)
         assert mine["input_ids"].dtype == np.int64 and mine.input_ids.shape == theirs["input_ids"].shape
         np.testing.assert_array_equal(mine.input_ids, theirs["input_ids"])
         np.testing.assert_array_equal(mine.attention_mask, theirs["attention_mask"])
@@ -87,6 +87,10 @@ def test_batch_padding_truncation(pair):
     assert (short[4:] == ours.pad_token_id).all() and short[3] == ours.eos_token_id
     assert len(ours.encode(LONG)) > 77  # encode does not truncate unless asked
     assert len(ours.encode(LONG, truncation=True)) == 77
+    np.testing.assert_array_equal(ours("a cat").input_ids, ours("a cat", return_tensors="np").input_ids)
+    for framework in ("pt", "tf", "jax"):    # diffusers' own call passes "pt": say what to do instead
+        with pytest.raises(ValueError, match="NumPy arrays"):
+            ours("a cat", return_tensors=framework)
 
 
 def test_round_trip_lower_case(pair):

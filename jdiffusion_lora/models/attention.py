@@ -440,7 +440,7 @@ class FusedAttention(MemoryEfficientAttention):
             self.dtypes = (q.dtype, k.dtype, v.dtype)
             return out.cast(q.dtype)
         if mask is not None:
-            raise ValueError("the GPU's fused attention kernel takes no mask; use another path")
+            raise ValueError("the row-per-thread fused kernel (GPU) takes no mask; use another attention path")
 
         def groups(x):  # (B, L, H*D) -> (B*H, L, D) float32, contiguous
             return _split_heads(x.float32(), heads).reshape(b * heads, x.shape[1], d)

@@ -404,12 +404,17 @@ class CLIPTokenizer:
 
     def __call__(self, text: Union[str, Iterable[str]], padding: Union[str, bool] = "max_length",
                  max_length: Optional[int] = None, truncation: bool = True,
-                 add_special_tokens: bool = True) -> BatchEncoding:
+                 add_special_tokens: bool = True, return_tensors: Optional[str] = None) -> BatchEncoding:
         """Tokenise a prompt or a list of prompts into `(B, L)` int64 `input_ids` and `attention_mask`.
 
         padding: "max_length" (pad to `max_length`, default `model_max_length`), "longest"/True
         (pad to the longest in the batch) or False/"do_not_pad" (lengths must then agree).
+        return_tensors: None or "np" (NumPy arrays, always: `jt.array(...)` takes them as they are); "pt" and
+        "tf" are refused with a message, as there is no PyTorch or TensorFlow at run time.
         """
+        if return_tensors not in (None, "np"):
+            raise ValueError(f"return_tensors={return_tensors!r} is not available: this tokenizer returns NumPy "
+                             "arrays (return_tensors='np' or None); pass them to jt.array(...) for Jittor")
         texts = [text] if isinstance(text, str) else list(text)
         max_length = self.model_max_length if max_length is None else int(max_length)
         rows = [self.encode(t, add_special_tokens, truncation, max_length) for t in texts]
