@@ -85,6 +85,7 @@ def test_rebuild_never_syncs_and_the_memory_efficient_attention_matches(monkeypa
     generic 7-D gradient then crashed the step). The attention orders its blocks by a zero dependency there."""
     from jdiffusion_lora.models import attention
 
+    monkeypatch.setattr(attention, "blocked_available", lambda: False)  # the CPU's blocked kernels off, and
     monkeypatch.setattr(attention, "SAVED_SCORES_LIMIT", 0)            # every attention: the memory-efficient path
     monkeypatch.setattr(attention, "MEMORY_EFFICIENT_BLOCK_BYTES", 16 * 4 * 8)   # 64 tokens: several query blocks
     unet = lora_unet()
